@@ -1,0 +1,49 @@
+"""Fine-tune a chat LLM into a careful medical assistant, on a laptop or a CPU.
+
+    python main.py data [config.yaml]        # check the data and see what the model will learn
+    python main.py train [config.yaml]       # QLoRA fine-tuning -> checkpoints/model/
+    python main.py train --resume            # continue from the newest checkpoint
+    python main.py inference [config.yaml]   # chat with the trained adapter
+
+Every subcommand takes an optional config path (default: config.yaml).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("data", help="summarise the training data and show a rendered example")
+    train = sub.add_parser("train", help="fine-tune the model with QLoRA")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace an existing final model folder instead of numbering a new one")
+    inference = sub.add_parser("inference", help="chat with the fine-tuned model")
+    for p in (data, train, inference):
+        p.add_argument("config", nargs="?", default="config.yaml", help="YAML config (default: config.yaml)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import utils
+    try:
+        cfg = utils.load_config(args.config)
+        if args.command == "data":
+            return utils.show_data(cfg)
+        if args.command == "train":
+            return utils.train(cfg, resume=args.resume, overwrite=args.overwrite, config_path=args.config)
+        print("inference: not implemented yet (the interactive assistant comes with the inference "
+              "issue); train first with: python main.py train", file=sys.stderr)
+        return 2
+    except utils.UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
