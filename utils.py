@@ -106,11 +106,11 @@ class LoraSection:
 @dataclass
 class TrainingSection:
     batch_size: int = 4
-    max_steps: int = 200
+    max_steps: int = 150
     learning_rate: float = 2e-4
     gradient_accumulation_steps: int = 2
     early_stopping_patience: int = 3
-    eval_steps: int = 20
+    eval_steps: int = 25
     warmup_ratio: float = 0.05
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0

