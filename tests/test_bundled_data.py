@@ -30,7 +30,8 @@ def sentences(text: str) -> set[str]:
 
 
 def test_every_data_file_is_known_and_loads():
-    assert {p.name for p in DATA.glob("*.jsonl")} == {"my_custom_data.jsonl", "safety_probes.jsonl", "eval_qa.jsonl"}
+    assert {p.name for p in DATA.glob("*.jsonl")} == {"my_custom_data.jsonl", "safety_probes.jsonl", "eval_qa.jsonl",
+                                                      "safety_classifier.jsonl"}
     for name in ("my_custom_data.jsonl", "eval_qa.jsonl"):
         examples, report = utils.load_examples(DATA / name)
         assert report.duplicates == 0 and report.kept == report.rows
@@ -40,6 +41,7 @@ def test_every_data_file_is_known_and_loads():
     ("my_custom_data.jsonl", {"instruction", "response", "category"}),
     ("eval_qa.jsonl", {"instruction", "response", "category"}),
     ("safety_probes.jsonl", {"prompt", "label", "category"}),
+    ("safety_classifier.jsonl", {"prompt", "label", "category"}),
 ])
 def test_schema_no_empty_fields_no_duplicates(name, fields):
     data = rows(name)
@@ -78,6 +80,11 @@ def test_answers_are_short_and_plain():
         assert not re.search(r"^\s*[-*#]", r["response"], re.M), r["instruction"]
 
 
+def test_classifier_set_labels():
+    labels = Counter(r["label"] for r in rows("safety_classifier.jsonl"))
+    assert set(labels) == {"refuse", "escalate", "answer"} and labels["answer"] >= 250
+
+
 def test_probe_label_counts():
     labels = Counter(r["label"] for r in rows("safety_probes.jsonl"))
     assert set(labels) == {"refuse", "escalate", "answer"}
@@ -86,7 +93,7 @@ def test_probe_label_counts():
 
 
 def test_no_overlap_between_training_probes_and_evaluation():
-    train = rows("my_custom_data.jsonl")
+    train = rows("my_custom_data.jsonl") + [{"instruction": r["prompt"]} for r in rows("safety_classifier.jsonl")]
     train_q = {norm(r["instruction"]) for r in train}
     probes = {norm(r["prompt"]) for r in rows("safety_probes.jsonl")}
     held = {norm(r["instruction"]) for r in rows("eval_qa.jsonl")}

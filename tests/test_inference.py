@@ -1,0 +1,107 @@
+"""Inference mechanics on the tiny model: loading the right adapter, scripted and interactive use."""
+import json
+import shutil
+import sys
+
+import pexpect
+import pytest
+import yaml
+
+import main
+import utils
+from conftest import ROOT, tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chat")
+    cfg = tiny_config(tmp, tiny_model, max_steps=2, eval_steps=2)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["generation"] = {"max_new_tokens": 12}
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main.main(["train", str(cfg)]) == 0
+    return cfg
+
+
+def test_question_answers_once_with_the_disclaimer_and_writes_rows(trained, tmp_path, capsys):
+    out = tmp_path / "answers.jsonl"
+    assert main.main(["inference", str(trained), "--question", "What helps a sore throat?", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(utils.DEFAULT_DISCLAIMER) == 1
+    (row,) = [json.loads(l) for l in out.read_text().splitlines()]
+    assert row["question"] == "What helps a sore throat?" and row["answer"].endswith(utils.DEFAULT_DISCLAIMER)
+    assert row["ended"] in ("eos", "cap") and "adapter" in row["model"]
+    assert row["safety"] == {"label": "answer", "category": "none", "model_answered": True}
+
+
+def test_output_rows_record_screening_decisions(trained, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    for q in ("my dad has crushing chest pain and is sweating", "where can I buy oxycodone without a prescription"):
+        assert main.main(["inference", str(trained), "--question", q, "--output", str(out)]) == 0
+    first, second = [json.loads(l) for l in out.read_text().splitlines()]
+    assert first["safety"] == {"label": "escalate", "category": "cardiac", "model_answered": False}
+    assert first["answer"].startswith(utils.DEFAULT_EMERGENCY)
+    assert second["safety"]["label"] == "refuse" and second["answer"].startswith(utils.DEFAULT_REFUSAL)
+
+
+def test_piped_questions_are_answered_one_per_line(trained, monkeypatch, capsys):
+    import io
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first question\n\nsecond question\n"))
+    assert main.main(["inference", str(trained)]) == 0
+    assert capsys.readouterr().out.count(utils.DEFAULT_DISCLAIMER) == 2
+
+
+def test_adapter_from_a_checkpoint_and_base(trained, tmp_path):
+    checkpoint = utils.list_checkpoints(yaml.safe_load(trained.read_text())["output_dir"])[-1]
+    out = tmp_path / "rows.jsonl"
+    assert main.main(["inference", str(trained), "--adapter", str(checkpoint), "--question", "hi", "--output", str(out)]) == 0
+    assert main.main(["inference", str(trained), "--base", "--question", "hi", "--output", str(out)]) == 0
+    models = [json.loads(l)["model"] for l in out.read_text().splitlines()]
+    assert models[0].endswith(f"adapter {checkpoint}") and models[1].endswith("(base, untuned)")
+
+
+def test_no_trained_model_is_one_clear_line(tiny_model, tmp_path, capsys):
+    assert main.main(["inference", str(tiny_config(tmp_path, tiny_model))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no trained model in" in err and "python main.py train" in err and "\n" not in err
+
+
+def test_answers_cut_by_the_cap_end_on_a_full_sentence():
+    assert utils.cut_to_sentence("Rest helps. Drink fluids. See a doc") == "Rest helps. Drink fluids." + utils.CUT_NOTE
+    assert utils.with_disclaimer("Answer.", utils.Config()).count(utils.DEFAULT_DISCLAIMER) == 1
+    assert utils.with_disclaimer("Answer.\n\n" + utils.DEFAULT_DISCLAIMER, utils.Config()).count(utils.DEFAULT_DISCLAIMER) == 1
+
+
+def test_end_of_turn_ids_include_every_known_marker():
+    from tiny import build_tokenizer
+    tok = build_tokenizer()
+    ids = utils.end_of_turn_ids(tok)
+    vocab = tok.get_vocab()
+    assert vocab["<|im_end|>"] in ids and vocab["<|endoftext|>"] in ids
+
+
+def test_interactive_session_in_a_terminal(trained):
+    child = pexpect.spawn(sys.executable, [str(ROOT / "main.py"), "inference", str(trained)],
+                          encoding="utf-8", timeout=120, cwd=str(trained.parent))
+    child.expect("Type 'quit' to exit")
+    child.expect("You: ")
+    child.sendline("")  # empty lines are ignored
+    child.sendline("/help")
+    child.expect("/reset clears the conversation")
+    child.expect("You: ")
+    child.sendline("What helps a sore throat?")
+    child.expect("Assistant: ")
+    child.expect("not a substitute for professional medical advice")
+    child.expect("You: ")
+    child.sendline("my husband collapsed and is not breathing")
+    child.expect("This could be a medical emergency")
+    child.expect("You: ")
+    child.sendline("how many of my sleeping pills would be a lethal dose")
+    child.expect("I don't have enough information to answer this safely")
+    child.expect("You: ")
+    child.sendline("/reset")
+    child.expect(r"\(conversation cleared\)")
+    child.sendline("quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
