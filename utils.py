@@ -110,8 +110,7 @@ class LoraSection:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: typing.Union[typing.List[str], str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: typing.Union[typing.List[str], str] = "auto"
 
 
 @dataclass
@@ -181,8 +180,8 @@ VALUE_RULES = [
     ("lora.r", lambda v: v > 0, "use a positive rank such as 8 or 16"),
     ("lora.alpha", lambda v: v > 0, "use a positive number, commonly 2 x r"),
     ("lora.dropout", lambda v: 0 <= v < 1, "use a value in [0, 1), e.g. 0.05"),
-    ("lora.target_modules", lambda v: (v == "all-linear") if isinstance(v, str) else len(v) > 0,
-     "use a list of module names such as [q_proj, v_proj], or all-linear"),
+    ("lora.target_modules", lambda v: (v in ("auto", "all-linear")) if isinstance(v, str) else len(v) > 0,
+     "use auto, all-linear, or a list of module names such as [q_proj, v_proj]"),
     ("training.batch_size", lambda v: v >= 1, "use 1 or more"),
     ("training.max_steps", lambda v: v >= 1, "use 1 or more"),
     ("training.learning_rate", lambda v: 0 < v < 1, "use a small positive value such as 2e-4"),
@@ -495,19 +494,26 @@ def render_example(tokenizer, messages: list[dict], system_prompt: str, max_leng
     if system_ok is None:
         system_ok = supports_system_role(tokenizer)
     msgs = with_system_prompt(messages, system_prompt, system_ok)
+    full = tokenizer.apply_chat_template(msgs, tokenize=False)
     pieces: list[tuple[str, bool]] = []  # (text, carries loss)
-    done = ""
+    pos = 0
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
         prompt = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(msgs[:i + 1], tokenize=False)
-        if not (prompt.startswith(done) and full.startswith(prompt)):
+        if not full.startswith(prompt) or len(prompt) < pos:
             raise ValueError("chat template is not prefix-stable; cannot locate the assistant turn")
-        answer = full[len(prompt):]
-        stripped = answer.rstrip()
-        pieces += [(prompt[len(done):], False), (stripped, True), (answer[len(stripped):], False)]
-        done = full
+        turn = tokenizer.apply_chat_template(msgs[:i + 1], tokenize=False)[len(prompt):]
+        # Keep what the whole conversation really has here: some templates (Phi-4-mini) add an
+        # EOS after the last turn only, which an earlier turn must not learn.
+        rest = full[len(prompt):]
+        n = 0
+        while n < min(len(turn), len(rest)) and turn[n] == rest[n]:
+            n += 1
+        answer = turn[:n].rstrip()
+        pieces += [(full[pos:len(prompt)], False), (answer, True)]
+        pos = len(prompt) + len(answer)
+    pieces.append((full[pos:], False))
     ids: list[int] = []
     labels: list[int] = []
     for text, learn in pieces:
@@ -865,17 +871,47 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
+# Attention projections by architecture family, first match wins: unfused (Llama, SmolLM, Qwen,
+# Gemma, Mistral), fused (Phi-3/Phi-4-mini), GPT-2 style, Falcon/GPT-NeoX style.
+ATTENTION_MODULES = (["q_proj", "k_proj", "v_proj", "o_proj"], ["qkv_proj", "o_proj"],
+                     ["c_attn", "c_proj"], ["query_key_value", "dense"], ["Wqkv", "out_proj"])
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+         "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def resolve_target_modules(model, targets, name: str = "the model"):
+    """`auto` -> the attention projections this architecture has; `all-linear` passes through;
+    unfused names on a fused model (Phi-4-mini) are translated; anything else unknown is a
+    ConfigError listing the linear modules the model has."""
+    have = linear_module_names(model)
+    if targets == "all-linear":
+        return targets
+    if targets == "auto":
+        for group in ATTENTION_MODULES:
+            if all(t in have for t in group):
+                return group
+        return "all-linear"
+    wanted, translated = [], []
+    for t in targets:
+        if t not in have and FUSED.get(t) in have:
+            translated.append(f"{t}->{FUSED[t]}")
+            t = FUSED[t]
+        if t not in wanted:
+            wanted.append(t)
+    missing = [t for t in wanted if t not in have]
+    if missing:
+        raise ConfigError(
+            f"lora.target_modules: {', '.join(missing)} not found in {name}. "
+            f"Its linear modules are: {', '.join(have)} (or use auto or all-linear)")
+    if translated:
+        print(f"lora.target_modules: {name} has fused projections; using {wanted} ({', '.join(translated)})")
+    return wanted
+
+
 def attach_lora(model, cfg: Config):
-    """Wrap the model with trainable LoRA adapters; unknown target names are a clear error."""
+    """Wrap the model with trainable LoRA adapters on `lora.target_modules`."""
     from peft import LoraConfig, get_peft_model
-    targets = cfg.lora.target_modules
-    if isinstance(targets, list):
-        have = linear_module_names(model)
-        missing = [t for t in targets if t not in have]
-        if missing:
-            raise ConfigError(
-                f"lora.target_modules: {', '.join(missing)} not found in {cfg.model.name}. "
-                f"Its linear modules are: {', '.join(have)} (or use all-linear)")
+    targets = resolve_target_modules(model, cfg.lora.target_modules, cfg.model.name)
     config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
@@ -1171,6 +1207,10 @@ def collect_metrics(cfg, hw, source, trainer, base_eval, final_eval, runtime, su
     }
 
 
+def format_targets(targets) -> str:
+    return targets if isinstance(targets, str) else ", ".join(sorted(targets))
+
+
 def print_start_summary(cfg, hw, source, fallback, model, trainer, summary, token_stats, checkpoint):
     trainable, total = count_parameters(model)
     args = trainer.args
@@ -1181,7 +1221,7 @@ def print_start_summary(cfg, hw, source, fallback, model, trainer, summary, toke
         f"Device:       {hw.device}, compute dtype {str(hw.dtype).replace('torch.', '')}, "
         f"quantization {hw.quantization}" + (" (NF4, double quant)" if hw.quantization == "4bit" else ""),
         f"LoRA:         r={cfg.lora.r} alpha={cfg.lora.alpha} dropout={cfg.lora.dropout} "
-        f"targets={cfg.lora.target_modules}",
+        f"targets={format_targets(model.peft_config['default'].target_modules)}",
         f"Parameters:   {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
         f"Data:         {summary['train']} train / {summary['validation']} validation "
         f"({summary['duplicates_dropped']} duplicates dropped, "

@@ -85,3 +85,8 @@ def test_readme_presets_validate():
     assert {"fast-test", "production"} <= set(presets)
     for name, raw in presets.items():
         utils.config_from_dict(raw, f"README preset {name}")
+
+
+def test_shipped_presets_validate():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        utils.load_config(path)

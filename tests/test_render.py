@@ -17,7 +17,9 @@ GEMMA_LIKE = (
 
 @pytest.fixture(scope="module")
 def chatml():
-    return build_tokenizer()
+    tok = build_tokenizer()
+    tok.pad_token = tok.eos_token  # as SmolLM2 ships it
+    return tok
 
 
 def learned_text(tok, rendered):

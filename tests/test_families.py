@@ -1,0 +1,91 @@
+"""Every advertised family, proven without the hub: a tiny random model of each architecture
+with that family's chat template trains and answers; LoRA lands on the right modules; the
+answer's labels end with the family's end-of-turn token, which also stops generation."""
+import json
+
+import pytest
+import yaml
+
+import main
+import utils
+from conftest import qa_rows, tiny_config
+from tiny import FAMILIES, build_tiny_model
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    folder = build_tiny_model(tmp_path_factory.mktemp(request.param) / request.param, family=request.param)
+    return request.param, folder
+
+
+def test_family_trains_and_answers(family, tmp_path, capsys):
+    name, folder = family
+    *_, end_of_turn, auto_targets = FAMILIES[name]
+    cfg = tiny_config(tmp_path, folder, rows=qa_rows(12), max_steps=2, eval_steps=2)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["generation"] = {"max_new_tokens": 8}
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main.main(["train", str(cfg)]) == 0
+    final = tmp_path / "out" / f"my_custom_llm_{folder.name}"
+    adapter = json.loads((final / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == auto_targets
+
+    tokenizer, _ = utils.load_tokenizer(utils.ModelSource(str(final), "adapter", ""))
+    rendered = utils.render_example(tokenizer, [{"role": "user", "content": "Is rest good?"},
+                                                {"role": "assistant", "content": "Yes, rest helps."}], "Be careful.", 256)
+    learned = [t for t, l in zip(rendered["input_ids"], rendered["labels"]) if l != utils.IGNORE_INDEX]
+    eot = tokenizer.convert_tokens_to_ids(end_of_turn)
+    assert eot in learned[-2:]  # last, or before the EOS some templates add after the last turn
+    assert tokenizer.decode(learned).startswith("Yes, rest helps.")
+    assert eot in utils.end_of_turn_ids(tokenizer)
+    text = tokenizer.decode(rendered["input_ids"])
+    assert "Be careful." in text  # system prompt present, folded for Gemma
+
+    capsys.readouterr()
+    assert main.main(["inference", str(cfg), "--question", "Is rest good?"]) == 0
+    assert utils.DEFAULT_DISCLAIMER in capsys.readouterr().out
+
+
+def test_generation_stops_at_the_family_end_of_turn(family):
+    """Force the end-of-turn token at the third step: generation must stop right there."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+    name, folder = family
+    end_of_turn = FAMILIES[name][5]
+    cfg = utils.config_from_dict({"model": {"name": str(folder)}, "generation": {"max_new_tokens": 20}})
+    source = utils.resolve_model(cfg.model.name)
+    tokenizer, _ = utils.load_tokenizer(source)
+    model = utils.load_base_model(source, utils.pick_hardware("4bit"))
+    model.config.use_cache = True
+    eot = tokenizer.convert_tokens_to_ids(end_of_turn)
+
+    class ForceAtThird(LogitsProcessor):
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, input_ids, scores):
+            self.calls += 1
+            if self.calls == 3:
+                scores[:] = -1e9
+                scores[:, eot] = 0
+            elif self.calls < 3:
+                scores[:, utils.end_of_turn_ids(tokenizer)] = -1e9  # not before
+            return scores
+
+    prompt = utils.render_prompt(tokenizer, [{"role": "user", "content": "hi"}], "S")
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**inputs, max_new_tokens=20, do_sample=False, eos_token_id=utils.end_of_turn_ids(tokenizer),
+                         pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([ForceAtThird()]))
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert len(new) == 3 and new[-1] == eot
+
+
+def test_unfused_names_are_translated_for_fused_models(tmp_path, capsys):
+    folder = build_tiny_model(tmp_path / "phi", family="phi3")
+    cfg = utils.config_from_dict({"model": {"name": str(folder)}, "lora": {"target_modules": ["q_proj", "v_proj", "o_proj", "up_proj"]}})
+    model = utils.load_base_model(utils.resolve_model(str(folder)), utils.pick_hardware("4bit"))
+    assert utils.resolve_target_modules(model, cfg.lora.target_modules, "phi") == ["qkv_proj", "o_proj", "gate_up_proj"]
+    assert "q_proj->qkv_proj" in capsys.readouterr().out
+    assert utils.resolve_target_modules(model, "auto") == ["qkv_proj", "o_proj"]
+    with pytest.raises(utils.ConfigError, match="c_attn not found in phi. Its linear modules are: down_proj, gate_up_proj, o_proj, qkv_proj"):
+        utils.resolve_target_modules(model, ["c_attn"], "phi")
