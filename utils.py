@@ -635,6 +635,14 @@ def convert_gguf(gguf: Path) -> Path:
     target = cache_root() / "gguf" / f"{gguf.stem}-{digest}"
     if (target / "config.json").is_file():
         return target
+    # float32 safetensors take ~6x a 4-bit GGUF; check before spending a model load on it
+    need = 6 * stat.st_size
+    target.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(target.parent).free
+    if free < need:
+        raise UserError(f"not enough disk space to convert {gguf.name}: {need / 2**20:.0f} MB needed in "
+                        f"{target.parent}, {free / 2**20:.0f} MB free. Free some space or set MEDLLM_CACHE "
+                        f"to a folder on a larger disk")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     print(f"Converting {gguf.name} to a safetensors folder (once) in {target} ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -38,3 +38,10 @@ def test_fast_preset_learns(tmp_path):
     assert metrics["steps_run"] == 10
     assert metrics["final_eval_loss"] < metrics["base_eval_loss"]
     assert "bundled" in metrics["model_source"]
+    # and the trained adapter answers a question end to end, with the safety layer around it
+    out = tmp_path / "answers.jsonl"
+    assert main.main(["inference", str(cfg), "--question", "What are common symptoms of the flu?",
+                      "--output", str(out)]) == 0
+    (row,) = [json.loads(l) for l in out.read_text().splitlines()]
+    assert row["safety"]["model_answered"] and row["answer"].count(utils.DEFAULT_DISCLAIMER) == 1
+    assert len(row["answer"]) > len(utils.DEFAULT_DISCLAIMER) + 20

@@ -77,3 +77,12 @@ def test_bundled_smollm2_is_converted_once_and_reused(tmp_path, monkeypatch):
     assert again.path == source.path and time.time() - start < 1.0  # reused, not converted again
     # the same file named directly as a .gguf resolves to the same conversion
     assert utils.resolve_model(str(utils.bundled_gguf_path())).path == source.path
+
+
+def test_out_of_disk_for_the_conversion_fails_before_loading(tmp_path, monkeypatch):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"0" * 1000)
+    monkeypatch.setenv("MEDLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(utils.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 100))
+    with pytest.raises(utils.UserError, match="not enough disk space to convert model.gguf"):
+        utils.resolve_model(str(gguf))

@@ -196,3 +196,14 @@ def test_two_process_ddp_writes_outputs_once(tiny_model, tmp_path):
     finals = list((tmp_path / "out").glob("my_custom_llm_*"))
     assert [p.name for p in finals] == ["my_custom_llm_tiny-llama"]
     assert json.loads((finals[0] / "metrics.json").read_text())["steps_run"] == 4
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "none"])
+def test_other_quantizations_train(tiny_model, tmp_path, quantization):
+    cfg = tiny_config(tmp_path, tiny_model, max_steps=2, eval_steps=2)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["model"]["quantization"] = quantization
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main.main(["train", str(cfg)]) == 0
+    metrics = json.loads((tmp_path / "out" / "my_custom_llm_tiny-llama" / "metrics.json").read_text())
+    assert metrics["quantization"] == quantization
