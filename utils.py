@@ -1559,7 +1559,7 @@ _SELF = r"(?:myself|my ?self|me|my (?:own )?(?:life|wrists?|body|veins))"
 
 # Phrasings that ask *about* something rather than for the means to do it.
 _ABOUT = _rx(r"^(?:what (?:is|are|was|were|happens|does|do|causes|makes)|why (?:is|are|was|were|do|does|did|can)|"
-             r"how (?:is|are|was|were|does|do|did) (?!i\b|we\b)|is it (?:ever )?(?:legal|ethical|illegal|wrong|true|safe|normal)|"
+             r"how (?:is|are|was|were|does|do|did) (?!i\b|we\b|you\b)|is it (?:ever )?(?:legal|ethical|illegal|wrong|true|safe|normal)|"
              r"can you explain|explain (?:what|why)|tell me about|what's|whats|define|history of|"
              r"how (?:can|do|should|could) (?:i|we|you) (?:help|support|report|recognise|recognize|spot|tell|"
              r"prevent|protect|stop|avoid|know|talk|deal|cope|respond|get help))")
@@ -1663,6 +1663,17 @@ _UNETHICAL = _rx(r"\b(?:deceiv\w*|mislead\w*|lie to|lying to|trick\w*|manipulat\
                  r"circumvent\w*|bypass\w*|evad\w*|get around|cut(?:ting)? corners|misrepresent\w*|exaggerat\w* (?:the )?(?:benefits|effectiveness|results)|downplay\w*|minimi[sz]\w*|"
                  r"skip\w* (?:the )?(?:informed )?consent|experiment\w* on|sterili[sz]\w*|euthani[sz]\w*|sexual (?:advances?|relationships?)|date (?:a|my) patient|"
                  r"misinformation|disinformation|pseudoscien\w*|conspiracy|quack\w*|snake oil|unproven|bogus|sham|fake|false(?:ly)?|misleading|fraudulent|"
+                 r"impatien\w*|annoy\w*|insensitiv\w*|rude|harsh\w*|make light|stay(?:ing)? silent|without reporting|guarantee\w* (?:results|cure)|"
+                 r"against establish\w*|without (?:the )?(?:necessary )?approv\w*|intentional\w*|deliberate\w*|evade taxes|tax evasion|non-disclosure|"
+                 r"refuse to acknowledge|discredit\w*|suppress\w*|without any (?:clinical trials?|scientific basis|evidence)|keep (?:patients|them|him|her) from|"
+                 r"not (?:discuss|engage|sharing|share|inform|tell|disclose)|mandated|be required to|be directed to|be made to|"
+                 r"avoid (?:discussing|informing|telling|mentioning|disclosing)|under-?diagnos\w*|discourag\w*|inappropriate\w*|profit margins?|"
+                 r"unnecessar\w*|no proven value|to benefit from|paying more|premium payers|limit membership|solely on|ability to pay|"
+                 r"(?:can'?t|cannot|unable to) pay|without (?:medicare|medicaid|insurance|dental insurance|health insurance)|friends and family over|"
+                 r"over other patients|tiered care|den(?:y|ying|ied)\b.{0,30}\b(?:care|treatment|surgery|services?|coverage|access|procedures?)|"
+                 r"without (?:considering|conducting|discussing|respecting|emphasi[sz]ing|consulting|offering|a valid|valid|properly|adequate|reporting)|"
+                 r"(?:does not|doesn'?t|not) receive|at the expense of|over the patient'?s?|over those|selectively|wealthy|high-income|uninsured|"
+                 r"illegal\w*|unfair advantage|not (?:been )?(?:proven|tested|approved|supported|in line)|misinformation|lucrative|"
                  r"fail(?:s|ing|ed)? to|inadequate|incomplete information|not (?:tailored|evidence[- ]based|in the(?: patient'?s)? best interests?)|"
                  r"over (?:those|the interests) of the patient|against (?:clinical )?(?:guidelines|medical advice|recommendations)|compel\w*|dissuad\w*|"
                  r"keep(?:ing)? quiet|prohibit\w*|based on (?:their |patients'? |his |her )?(?:ability to pay|race|ethnicity|gender|sexual orientation|religion|income|insurance|wealth|immigration)|"
@@ -1671,7 +1682,10 @@ _UNETHICAL = _rx(r"\b(?:deceiv\w*|mislead\w*|lie to|lying to|trick\w*|manipulat\
                  r"spread(?:ing)? (?:rumou?rs|lies)|profit from|rigg(?:ed|ing)|manipulat\w* (?:data|results)|cherry-?pick\w*)\b")
 _MEDICAL = _rx(r"\b(?:patients?|physicians?|doctors?|nurses?|clinicians?|clinics?|hospitals?|medical|medicine|health\w*|care|treatments?|diagnos\w*|prescri\w*|"
                r"drugs?|medications?|insurance|claims?|(?:medical|health|patient|clinical|dental|hospital) records?|charts?|surgery|surgeons?|procedures?|trials?|research|stud(?:y|ies)|vaccin\w*|colleagues?|icu|"
-               r"pharma\w*|therap\w*|residents?|elderly|disabilit\w*|consent|public health|epidemic|pandemic|outbreak|infection|cancer|hiv|aids|mental)\b")
+               r"pharma\w*|therap\w*|residents?|elderly|disabilit\w*|consent|public health|epidemic|pandemic|outbreak|infection|cancer|hiv|aids|mental|"
+               r"disease\w*|\w+ologists?|\w+iatricians?|specialists?|consultations?|appointments?|prognos\w*|illness\w*|sharps|copays?|"
+               r"referrals?|second opinion|insulin|immunotherapy|biops\w*|aftercare|follow-up care|medical waste|controlled substances|sunscreen|"
+               r"nutrition\w*|diet|vaccination|hygiene|surger\w*|device)\b")
 _ETHICS_PHRASES = _rx(r"\bwithout (?:their |the |his |her |a |an |any |proper |informed |patient'?s? |parental |legal )*(?:\w+ )?(?:consent|knowledge|permission|authori[sz]ation|"
                       r"review|evidence|indication|diagnosis|deficiency|medical need|justification|disclos\w*|telling|informing|notifying|a license|licen[sc]e|training|supervision)\b"
                       r"|\b(?:even if|even though|regardless of whether)\b.{0,60}\b(?:harm|hurt|crucial|necessary|needed|need it|risk|dangerous|die|suffer|worse|wrong|illegal|benefit)"
@@ -1708,7 +1722,7 @@ EMERGENCY_RULES = [
                         r"|\ballergic reaction\b.{0,40}\b(?:breath|swell|wheez|throat|now|bad|severe)")),
     ("breathing", _rx(r"\b(?:can'?t|cannot|can not|struggling to|unable to|hard to|trouble|difficulty|barely)\s+(?:breathe?|breathing|catch (?:my|his|her|their) breath)"
                       r"|\b(?:not breathing|stopped breathing|isn'?t breathing|no pulse|unresponsive|won'?t wake(?: up)?|can'?t wake|(?:is |went |turning |turned )blue|lips (?:are|look|turning) blue|gasping|unconscious|collapsed|passed out)\b"
-                      r"|\bchok\w*\b.{0,30}\b(?:can'?t|cannot|not) (?:breathe|cough|speak|talk)|\bcan'?t (?:cough|breathe) or (?:make|speak|talk)|\b(?:going|gone|turning|turned) (?:\w+ )?(?:then )?(?:blue|bluish|grey|gray)\b|\bfighting for breath\b|\bribs (?:are )?sucking in\b|\bwhistling noise\b|\blips (?:are |look )?(?:bluish|grey|gray|purple)")),
+                      r"|\bchok\w*\b.{0,30}\b(?:can'?t|cannot|not) (?:breathe|cough|speak|talk)|\bcan'?t (?:cough|breathe) or (?:make|speak|talk)|\b(?:going|gone|turning|turned) (?:\w+ )?(?:then )?(?:blue|bluish|grey|gray)\b|\bfighting for breath\b|\bribs\b.{0,15}\bsucking in\b|\bwhistling noise\b|\blips (?:are |look )?(?:bluish|grey|gray|purple)")),
     ("bleeding", _rx(r"\b(?:bleed\w*|blood)\b.{0,40}\b(?:won'?t stop|will not stop|not stopping|doesn'?t stop|isn'?t stopping|heavily|a lot|everywhere|spurting|pouring|gushing|soak\w*|pool\w*|squirting)"
                      r"|\b(?:pouring|gushing|spurting|pumping|squirting|spraying) (?:out )?blood\b|\b(?:cut|sliced|severed|chopped)\b.{0,20}\b(?:off|artery|through)\b|\b(?:vomiting|coughing|throwing up) (?:up )?blood\b")),
     ("overdose", _rx(r"\b(?:took|taken|take|swallowed|ate|eaten|drank|drunk|had|downed|popped|chugged)\b.{0,30}\b(?:whole|entire|all (?:of )?(?:my|his|her|the)|bottle|too many|handful|\d{2,} (?:pills|tablets|caps)|pack|box|a lot of (?:pills|tablets|his|her|my))"
@@ -1723,7 +1737,7 @@ EMERGENCY_RULES = [
     ("burn", _rx(r"\belectric (?:shock|cable)\b|\bcoughing up soot\b|\bhouse fire\b|\bface is (?:burnt|burned)\b|\bskin (?:looks |is )?(?:white|charred|leathery|peeling|blistering)"
                  r"|\b(?:boiling|hot) (?:water|oil)\b.{0,40}\b(?:over|on|spilled|went)\b|\b(?:severe|bad|large|big|deep|chemical|electrical|huge)\s+burns?\b|\b(?:i|he|she|they|my \w+|clothes|hair|shirt|dress|pyjamas)\b.{0,15}\b(?:caught fire|(?:is|are|was|were) on fire|got scalded|was electrocuted|got electrocuted)\b|\b(?:scalded|electrocuted)\b|\bburn\w*\b.{0,30}\b(?:white|charred|black|leathery|face|whole (?:arm|leg|hand))")),
     ("head_injury", _rx(r"\b(?:hit|banged|bumped|fell|fall|knocked|smashed|whacked)\b.{0,40}\bhead\b.{0,60}\b(?:confus\w*|vomit\w*|throwing up|threw up|passed out|unconscious|drowsy|sleepy|won'?t wake|seizure|slurr\w*|blood|fluid|pupils|worst headache|not making sense|knocked out)")),
-    ("asthma", _rx(r"\b(?:asthma|inhaler)\b.{0,50}\b(?:not (?:working|helping)|isn'?t (?:working|helping)|doesn'?t help|can'?t (?:breathe|speak|talk)|lips (?:are |look )?blue)")),
+    ("asthma", _rx(r"\b(?:asthma|inhaler)\b.{0,50}\b(?:not (?:working|helping|easing)|isn'?t (?:working|helping|easing)|doesn'?t help|can'?t (?:breathe|speak|talk)|lips (?:are |look )?blue)")),
     ("headache", _rx(r"\b(?:worst|sudden|thunderclap|explosive)\b.{0,15}\bheadache\b.{0,30}\b(?:of (?:my|his|her) life|ever|came on|suddenly|just)")),
     ("poisoning", _rx(r"\b(?:co|carbon monoxide) alarm\b|\b(?:carbon monoxide|gas leak)\b.{0,40}\b(?:now|dizzy|headache|alarm|everyone|we)\b|\b(?:snake|spider|scorpion) ?bit\w*\b.{0,30}\b(?:my|me|he|she|just)")),
 ]
@@ -1733,6 +1747,11 @@ def _norm_question(text: str) -> str:
     text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
     return re.sub(r"\s+", " ", text).strip().lower()
 
+
+# Someone describing what was done to them ("my doctor was rude", "what can I do?") is asking
+# for help, not for the means.
+_COMPLAINT = _rx(r"\bmy (?:\w+ )?(?:doctor|gp|nurse|dentist|surgeon|therapist|pharmacist|hospital|clinic|insurer|insurance|care home|consultant)\b.{0,40}"
+                 r"\b(?:was|is|were|has been|keeps|won'?t|didn'?t|refused|denied|dismissed|ignored|made)\b|\bwhat (?:can|should) i do\b|\bhow (?:do|can) i (?:complain|report)")
 
 # Violence in a video game, or a question about what a character or a historical person did.
 _FICTION = _rx(r"\b(?:in|on|playing) (?:gta|grand theft auto|minecraft|battlefield|call of duty|fortnite|skyrim|the witcher|halo|"
@@ -1758,7 +1777,7 @@ def rule_screen(q: str) -> Screen | None:
             return Screen("escalate" if category == "self_harm" else "refuse", category)
     if not about and _ETHICS_PHRASES.search(q):
         return Screen("refuse", "medical_ethics")
-    if not about and _MEDICAL.search(q) and _UNETHICAL.search(q):
+    if not about and not _COMPLAINT.search(q) and _MEDICAL.search(q) and _UNETHICAL.search(q):
         return Screen("refuse", "medical_ethics")
     return None
 
@@ -1773,6 +1792,9 @@ _SAFE_TARGET = _rx(r"\b(?:kill|killing|beat|beating|knock out|knocking out|fight
                    r"(?:time|pain|fever|cold|flu|virus|viruses|bacteria|germs|infection|headache|migraine|weeds?|lice|nits|fleas|mites|bugs|"
                    r"mould|mold|odds|boredom|cravings?|urges?|stress|mood|records?|exams?|deadlines?|photos?|pictures?|videos?|process|"
                    r"program|acne|spots|pimples|warts|fungus|plaque|cough|sniffles|jet ?lag|hangover|insomnia|fatigue|anxiety|fat|calories|workout)\b")
+# "How can I lower my risk of ...": looking after oneself or someone else; the classifier
+# over-reads the words around it (elderly, blood clot).
+_PREVENTION = _rx(r"^how (?:can|do|should|could) (?:i|we) (?:lower|reduce|prevent|avoid|protect|improve|manage|look after|care for|keep \w+ safe|cut (?:down|my risk))\b")
 SAFETY_THRESHOLD = 0.5  # P(refuse) + P(escalate) from the classifier at which a question is held back
 
 
@@ -1787,7 +1809,8 @@ def screen_question(text: str, use_classifier: bool = True) -> Screen:
     hit = rule_screen(q)
     if hit:
         return hit
-    if use_classifier and (_MEDICAL.search(q) or _DRUGS.search(q)) and not _SAFE_TARGET.search(q):
+    if use_classifier and (_MEDICAL.search(q) or _DRUGS.search(q)) and not _SAFE_TARGET.search(q) \
+            and not _PREVENTION.search(q):
         p = classify_question(text)
         if p["refuse"] + p["escalate"] >= SAFETY_THRESHOLD:
             urgent = p["escalate"] > p["refuse"] and _NOW_PERSON.search(q) and not _HYPOTHETICAL.search(q)
