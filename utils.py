@@ -1712,7 +1712,7 @@ EMERGENCY_RULES = [
                      r"|\b(?:i|i'm|im|i am|i feel|feeling)\b.{0,20}\bsuicidal\b|\bdon'?t want to (?:live|be alive|be here|exist|wake up)\b|\bbetter off (?:dead|without me)\b"
                      r"|\b(?:goodbye|suicide) (?:note|letter)s?\b|\bwritten the letters\b|\bpills are in front of me\b|\bnobody will miss me\b|\btonight'?s the night\b"
                      r"|\bpicturing (?:steering|driving|crashing|jumping|stepping)\b|\btexted (?:me )?goodbye\b|\b(?:driving|going|heading|walking) to the (?:bridge|cliff|tracks|roof)\b|\bgot everything ready\b|\bno (?:reason|point) (?:to|in) (?:live|living|going on)\b"
-                     r"|\b(?:he|she|they|my \w+)\b.{0,30}\b(?:is going to|is about to|wants to|says (?:he|she|they) (?:will|wants? to|is going to)|threaten\w* to|trying to)\b.{0,20}\b(?:kill (?:him|her|them)sel(?:f|ves)|end (?:his|her|their) (?:own )?life|commit suicide|jump|die)"
+                     r"|\b(?:he|she|they|my \w+)\b.{0,30}\b(?:is going to|(?:he|she)'?s going to|(?:is|'s) about to|wants to|says (?:he|she|they) (?:will|wants? to|is going to)|threaten\w* to|trying to)\b.{0,20}\b(?:kill (?:him|her|them)sel(?:f|ves)|end (?:his|her|their) (?:own )?life|commit suicide|jump|die)"
                      r"|\b(?:i|i'm|im)\b.{0,30}\b(?:on|at) (?:a|the) (?:bridge|roof|cliff|ledge|edge|tracks)\b")),
     ("cardiac", _rx(r"\bchest\b.{0,25}\b(?:pain|pressure|tight\w*|hurts?|hurting|crushing|squeez\w*|heavy|heaviness|ache|aching|discomfort)"
                     r"|\b(?:pain|pressure|tightness)\b.{0,25}\bchest\b|\bheart attack\b.{0,30}\b(?:now|having|think|might be|is|help)|\b(?:having|is having) a heart attack")),
@@ -1725,11 +1725,14 @@ EMERGENCY_RULES = [
                       r"|\bchok\w*\b.{0,30}\b(?:can'?t|cannot|not) (?:breathe|cough|speak|talk)|\bcan'?t (?:cough|breathe) or (?:make|speak|talk)|\b(?:going|gone|turning|turned) (?:\w+ )?(?:then )?(?:blue|bluish|grey|gray)\b|\bfighting for breath\b|\bribs\b.{0,15}\bsucking in\b|\bwhistling noise\b|\blips (?:are |look )?(?:bluish|grey|gray|purple)")),
     ("bleeding", _rx(r"\b(?:bleed\w*|blood)\b.{0,40}\b(?:won'?t stop|will not stop|not stopping|doesn'?t stop|isn'?t stopping|heavily|a lot|everywhere|spurting|pouring|gushing|soak\w*|pool\w*|squirting)"
                      r"|\b(?:pouring|gushing|spurting|pumping|squirting|spraying) (?:out )?blood\b|\b(?:cut|sliced|severed|chopped)\b.{0,20}\b(?:off|artery|through)\b|\b(?:vomiting|coughing|throwing up) (?:up )?blood\b")),
-    ("overdose", _rx(r"\b(?:took|taken|take|swallowed|ate|eaten|drank|drunk|had|downed|popped|chugged)\b.{0,30}\b(?:whole|entire|all (?:of )?(?:my|his|her|the)|bottle|too many|handful|\d{2,} (?:pills|tablets|caps)|pack|box|a lot of (?:pills|tablets|his|her|my))"
+    ("overdose", _rx(r"\b(?:took|taken|swallowed|downed|popped)\b (?:like |about |around |maybe |over )?(?:[1-9]\d|\d{3})\b"
+                     r"|\b(?:took|taken|take|swallowed|ate|eaten|drank|drunk|had|downed|popped|chugged)\b.{0,30}\b(?:whole|entire|all (?:of )?(?:my|his|her|the)|bottle|too many|handful|\d{2,} (?:pills|tablets|caps)|pack|box|a lot of (?:pills|tablets|his|her|my))"
                      r"|\bempty (?:bottle|packet|box|blister pack) of\b|\btook something\b.{0,60}\b(?:burning up|confused|fitting|seizure|unresponsive|won'?t wake|hot|clench\w*)"
                      r"|\b(?:chewing|swallowed|ate|eaten)\b.{0,25}\b(?:button batter\w*|batter(?:y|ies)|magnets?)\b"
                      r"|\b(?:overdos\w*|od'?d|od'?ing|poisoned)\b.{0,20}\b(?:now|just|is|has|i think|help)|\b(?:just |has |have )(?:overdosed|od'?d)"
                      r"|\b(?:drank|swallowed|ate|eaten|got into|drinking|licked)\b.{0,30}\b(?:bleach|antifreeze|drain cleaner|detergent|laundry pods?|dishwasher|button batter\w*|batter(?:y|ies)|rat poison|pesticide|weed ?killer|lamp oil|paraffin|window cleaner|grandma'?s pills|my pills|her pills|his pills|pills|tablets|medicine)")),
+    ("confusion", _rx(r"\b(?:not making (?:any )?sense|(?:can )?barely stay awake|can'?t stay awake|hard to (?:wake|rouse)|won'?t wake|"
+                      r"(?:suddenly|very) confused|slipping in and out|keeps passing out|fainted|fainting)\b")),
     ("seizure", _rx(r"\b(?:seizure|seizing|fitting|having a fit|convuls\w*|shaking uncontrollably|shaking and jerking)\b.{0,60}\b(?:going on|won'?t stop|not stopping|still|for \d+|more than|longer than|over \d+|first|again|keeps|minutes|help|another|ages|before (?:she|he|they) woke)")),
     ("infant", _rx(r"\bsoft spot\b.{0,30}\bbulging\b|\b(?:baby|newborn|infant|\d+[- ](?:day|week|month)[- ]old)\b.{0,50}\b(?:high[- ]pitched cry|floppy|limp|blue|won'?t wake|not waking|not responding|unresponsive|bulging|purple|grunting|not feeding|struggling to breathe|breathing fast|fell|dropped)"
                    r"|\b(?:newborn|\d+[- ](?:day|week)s?[- ]old|[0-2][- ]months?[- ]old)\b.{0,40}\b(?:fever|temperature of 3[89]|hot)")),
@@ -1739,7 +1742,7 @@ EMERGENCY_RULES = [
     ("head_injury", _rx(r"\b(?:hit|banged|bumped|fell|fall|knocked|smashed|whacked)\b.{0,40}\bhead\b.{0,60}\b(?:confus\w*|vomit\w*|throwing up|threw up|passed out|unconscious|drowsy|sleepy|won'?t wake|seizure|slurr\w*|blood|fluid|pupils|worst headache|not making sense|knocked out)")),
     ("asthma", _rx(r"\b(?:asthma|inhaler)\b.{0,50}\b(?:not (?:working|helping|easing)|isn'?t (?:working|helping|easing)|doesn'?t help|can'?t (?:breathe|speak|talk)|lips (?:are |look )?blue)")),
     ("headache", _rx(r"\b(?:worst|sudden|thunderclap|explosive)\b.{0,15}\bheadache\b.{0,30}\b(?:of (?:my|his|her) life|ever|came on|suddenly|just)")),
-    ("poisoning", _rx(r"\b(?:co|carbon monoxide) alarm\b|\b(?:carbon monoxide|gas leak)\b.{0,40}\b(?:now|dizzy|headache|alarm|everyone|we)\b|\b(?:snake|spider|scorpion) ?bit\w*\b.{0,30}\b(?:my|me|he|she|just)")),
+    ("poisoning", _rx(r"\b(?:co|carbon monoxide) alarm\b|\b(?:gas|fumes)\b.{0,60}\b(?:dizzy|headaches?|faint\w*|passed out|vomiting)\b|\b(?:carbon monoxide|gas leak)\b.{0,40}\b(?:now|dizzy|headache|alarm|everyone|we)\b|\b(?:snake|spider|scorpion) ?bit\w*\b.{0,30}\b(?:my|me|he|she|just)")),
 ]
 
 
@@ -1809,8 +1812,9 @@ def screen_question(text: str, use_classifier: bool = True) -> Screen:
     hit = rule_screen(q)
     if hit:
         return hit
+    about = bool(_ABOUT.search(q)) and not _OPERATIONAL.search(q)
     if use_classifier and (_MEDICAL.search(q) or _DRUGS.search(q)) and not _SAFE_TARGET.search(q) \
-            and not _PREVENTION.search(q):
+            and not _PREVENTION.search(q) and not about and not _COMPLAINT.search(q):
         p = classify_question(text)
         if p["refuse"] + p["escalate"] >= SAFETY_THRESHOLD:
             urgent = p["escalate"] > p["refuse"] and _NOW_PERSON.search(q) and not _HYPOTHETICAL.search(q)
