@@ -1557,7 +1557,7 @@ _SELF = r"(?:myself|my ?self|me|my (?:own )?(?:life|wrists?|body|veins))"
 
 # Phrasings that ask *about* something rather than for the means to do it.
 _ABOUT = _rx(r"^(?:what (?:is|are|was|were|happens|does|do|causes|makes)|why (?:is|are|was|were|do|does|did|can)|"
-             r"how (?:is|are|was|were|does|do|did) (?!i\b|we\b|you\b)|is it (?:ever )?(?:legal|ethical|illegal|wrong|true|safe|normal)|"
+             r"how (?:is|are|was|were|does|do|did) (?!i\b|we\b|you\b)|is (?:it|this|that) (?:ever |really |actually )?(?:legal|ethical|illegal|wrong|true|safe|normal|ok|okay|bad|dangerous|a scam|a sign|serious)|"
              r"can you explain|explain (?:what|why)|tell me about|what's|whats|define|history of|"
              r"how (?:can|do|should|could) (?:i|we|you) (?:help|support|report|recognise|recognize|spot|tell|"
              r"prevent|protect|stop|avoid|know|talk|deal|cope|respond|get help))")
@@ -1653,31 +1653,51 @@ REFUSE_RULES = [
 ]
 
 # Acting against patients, colleagues, the law or the evidence, in a medical setting.
-_UNETHICAL = _rx(r"\b(?:deceiv\w*|mislead\w*|lie to|lying to|trick\w*|manipulat\w*|coerc\w*|pressur\w*|force\w*|bully\w*|intimidat\w*|threaten\w*|blackmail\w*|"
-                 r"exploit\w*|abus\w*|neglect\w*|abandon\w*|mock\w*|ridicul\w*|humiliat\w*|belittl\w*|shame|shaming|insult\w*|demean\w*|discriminat\w*|"
+# Who is wronged in an unethical act; many of the verbs below are ordinary words in medicine
+# ("blood pressure", "gastric bypass", "life-threatening", "born prematurely") and only count
+# when aimed at a person or a safeguard.
+_WRONGED = r"(?:\w+ )?(?:patients?|them|him|her|people|someone|staff|colleagues?|nurses?|doctors?|physicians?|surgeons?|clinicians?|pharmacists?|practitioners?|providers?|\w+ologists?|\w+iatricians?|residents?|famil(?:y|ies)|women|children|minors?|elderly|clients?)"
+_UNETHICAL = _rx(r"\b(?:deceiv\w*|mislead\w*|lie to|lying to|trick\w* " + _WRONGED + r"|manipulat\w* (?:\w+ )?(?:patients?|them|him|her|people|data|results|records|famil(?:y|ies)|staff)|"
+                 r"coerc\w*|(?:pressur|forc)(?:e|es|ed|ing) " + _WRONGED + r"|bully\w*|intimidat\w*|threaten\w* (?:to|" + _WRONGED[3:-1] + r")|blackmail\w*|"
+                 r"exploit\w*|abus(?:e|es|ed|ing) (?:a |the |my |their |his |her )?(?:patients?|residents?|child|children|elderly|power|position|trust)|"
+                 r"neglect\w* (?:\w+ )?(?:patients?|residents?|elderly|children|kids|duties|care)|abandon\w* " + _WRONGED + r"|"
+                 r"mock\w*|ridicul\w*|humiliat\w*|belittl\w*|sham(?:e|ing) " + _WRONGED + r"|insult\w*|demean\w*|discriminat\w*|"
                  r"refus\w* to (?:treat|see|care|serve|admit|help)|den(?:y|ying|ied) (?:\w+ )?(?:care|treatment|services?|coverage|claims?|access|admission|pain relief)|turn(?:ing)? away|"
-                 r"ignor\w*|disregard\w*|dismiss\w*|overlook\w*|withh[oe]ld\w*|conceal\w*|hid(?:e|es|ing)|cover(?:ing)? up|falsif\w*|fabricat\w*|forg(?:e|ing|ed)|plagiari\w*|"
+                 r"ignor\w*|disregard\w*|dismiss\w*|overlook\w*|withh[oe]ld\w* (?:\w+ )?(?:information|treatment|care|pain relief|medication|results|diagnosis|food|water|risks)|"
+                 r"conceal\w*|hid(?:e|es|ing) (?:\w+ )?(?:errors?|mistakes?|records?|information|results?|diagnos\w*|side effects?|risks?|evidence|data|complications?|incidents?)|"
+                 r"cover(?:ing)? up|falsif\w*|fabricat\w*|forg(?:e|ing|ed)|plagiari\w*|"
                  r"brib\w*|kickbacks?|overbill\w*|over-bill\w*|upcod\w*|downcod\w*|unbundl\w*|defraud\w*|fraud\w*|embezzl\w*|steal\w*|sabotag\w*|retaliat\w*|harass\w*|"
-                 r"circumvent\w*|bypass\w*|evad\w*|get around|cut(?:ting)? corners|misrepresent\w*|exaggerat\w* (?:the )?(?:benefits|effectiveness|results)|downplay\w*|minimi[sz]\w*|"
-                 r"skip\w* (?:the )?(?:informed )?consent|experiment\w* on|sterili[sz]\w*|euthani[sz]\w*|sexual (?:advances?|relationships?)|date (?:a|my) patient|"
-                 r"misinformation|disinformation|pseudoscien\w*|conspiracy|quack\w*|snake oil|unproven|bogus|sham|fake|false(?:ly)?|misleading|fraudulent|"
-                 r"impatien\w*|annoy\w*|insensitiv\w*|rude|harsh\w*|make light|stay(?:ing)? silent|without reporting|guarantee\w* (?:results|cure)|"
-                 r"against establish\w*|without (?:the )?(?:necessary )?approv\w*|intentional\w*|deliberate\w*|evade taxes|tax evasion|non-disclosure|"
-                 r"refuse to acknowledge|discredit\w*|suppress\w*|without any (?:clinical trials?|scientific basis|evidence)|keep (?:patients|them|him|her) from|"
+                 r"circumvent\w*|(?:bypass\w*|get around|evad\w*) (?:the )?(?:regulat\w*|rules|requirements|consent|approval|review|safeguards|checks|laws?|reporting|audits?|taxes|quarantine|detection|insurance)|"
+                 r"be (?:pressured|forced|obliged|coerced|made|compelled) to|turn(?:ing)? a blind eye|knowingly|unprofessional|neglect\w* (?:to|discussing|addressing)|"
+                 r"avoid (?:providing|properly|seeking|reading|giving|offering|referring)|manipulat\w* (?:\w+ )?(?:insurance|diagnostic|tests?|claims?)|"
+                 r"inappropriately|withh[oe]ld\w* adequate|refus\w* (?:\w+ ){0,2}(?:care|treatment|emergency)|unnecessary (?:medical|exposure|radiation)|"
+                 r"fail(?:s|ing|ed)? to (?:advocate|advise|educate)|"
+                 r"cut(?:ting)? corners|misrepresent\w*|exaggerat\w* (?:the )?(?:benefits|effectiveness|results)|downplay\w* (?:the )?(?:risks?|side effects|dangers?)|"
+                 r"skip\w* (?:the )?(?:informed )?consent|experiment\w* on|sterili[sz]\w* (?:\w+ )?(?:without|against|women|patients|them|her|people)|"
+                 r"euthani[sz]\w* (?:\w+ )?(?:without|against|patients?|them|him|her)|sexual (?:advances?|relationships?)|date (?:a|my) patient|"
+                 r"misinformation|disinformation|pseudoscien\w*|conspiracy|quack\w*|snake oil|unproven|bogus|fake|false(?:ly)?|misleading|fraudulent|"
+                 r"impatien\w*|annoy(?:ance|ed) (?:at|with|when|by) (?:a |the )?patients?|insensitiv\w*|rude|harsh(?:ly)? (?:terms|words|comments|tone)|make light|stay(?:ing)? silent|without reporting|guarantee\w* (?:results|cure)|"
+                 r"against establish\w*|without (?:the )?(?:necessary )?approv\w*|intentional(?:ly)?|deliberate(?:ly)?|evade taxes|tax evasion|non-disclosure|"
+                 r"refuse to acknowledge|discredit\w*|suppress\w* (?:\w+ )?(?:complaints?|evidence|data|findings|results|reports?|concerns)|without any (?:clinical trials?|scientific basis|evidence)|keep (?:patients|them|him|her) from|"
                  r"not (?:discuss|engage|sharing|share|inform|tell|disclose)|mandated|be required to|be directed to|be made to|"
-                 r"avoid (?:discussing|informing|telling|mentioning|disclosing)|under-?diagnos\w*|discourag\w*|inappropriate\w*|profit margins?|"
-                 r"unnecessar\w*|no proven value|to benefit from|paying more|premium payers|limit membership|solely on|ability to pay|"
-                 r"(?:can'?t|cannot|unable to) pay|without (?:medicare|medicaid|insurance|dental insurance|health insurance)|friends and family over|"
+                 r"avoid (?:discussing|informing|telling|mentioning|disclosing)|under-?diagnos\w*|discourag\w* " + _WRONGED + r"|discourag\w* from|"
+                 r"inappropriate(?:ly)? (?:prescri\w*|behaviou?r|relationships?|contact|touching|comments|use)|profit margins?|"
+                 r"unnecessar(?:y|ily) (?:tests?|procedures?|surger\w*|treatments?|prescriptions?|imaging|scans?|chemo\w*|prolong\w*)|prolong\w* (?:\w+ ){0,3}unnecessar\w*|"
+                 r"no proven value|to benefit from|paying more|premium payers|limit membership|solely on|ability to pay|"
+                 r"(?:can'?t|cannot|unable to) pay|friends and family over|"
                  r"over other patients|tiered care|den(?:y|ying|ied)\b.{0,30}\b(?:care|treatment|surgery|services?|coverage|access|procedures?)|"
                  r"without (?:considering|conducting|discussing|respecting|emphasi[sz]ing|consulting|offering|a valid|valid|properly|adequate|reporting)|"
-                 r"(?:does not|doesn'?t|not) receive|at the expense of|over the patient'?s?|over those|selectively|wealthy|high-income|uninsured|"
-                 r"illegal\w*|unfair advantage|not (?:been )?(?:proven|tested|approved|supported|in line)|misinformation|lucrative|"
-                 r"fail(?:s|ing|ed)? to|inadequate|incomplete information|not (?:tailored|evidence[- ]based|in the(?: patient'?s)? best interests?)|"
+                 r"(?:ensure|make sure|so) (?:that )?(?:a |the )?(?:patient|they|he|she) (?:does not|doesn'?t|won'?t|do not|don'?t) receive|"
+                 r"at the expense of|over the patient'?s?|over those|selectively|wealthy|high-income|"
+                 r"(?:deny|refuse|turn away|exclude|charge)\w*.{0,30}\buninsured|"
+                 r"illegal(?:ly)? (?:obtain|buy|get|sell|prescribe|dispense|import)|unfair advantage|not (?:been )?(?:proven|tested|approved|supported|in line)|lucrative|"
+                 r"fail(?:s|ing|ed)? to (?:inform|educate|report|disclose|provide|treat|diagnose|tell|warn|obtain|follow|document|refer|maintain|protect|respect|consider|offer|properly)|"
+                 r"inadequate|incomplete information|not (?:tailored|evidence[- ]based|in the(?: patient'?s)? best interests?)|"
                  r"over (?:those|the interests) of the patient|against (?:clinical )?(?:guidelines|medical advice|recommendations)|compel\w*|dissuad\w*|"
                  r"keep(?:ing)? quiet|prohibit\w*|based on (?:their |patients'? |his |her )?(?:ability to pay|race|ethnicity|gender|sexual orientation|religion|income|insurance|wealth|immigration)|"
-                 r"undermin\w*|contradict\w* (?:established|medical|scientific)|scams?|fake cure|pirated|depriorit\w*|prematurely|fear to|take advantage|"
-                 r"inappropriate (?:behaviou?r|relationships?|contact)|boundaries|without proper|improperly|"
-                 r"spread(?:ing)? (?:rumou?rs|lies)|profit from|rigg(?:ed|ing)|manipulat\w* (?:data|results)|cherry-?pick\w*)\b")
+                 r"undermin\w*|contradict\w* (?:established|medical|scientific)|scams?|fake cure|pirated|depriorit\w*|discharg\w* (?:\w+ )?prematurely|fear to|take advantage|"
+                 r"(?:cross|violat|ignor)\w* (?:\w+ )?boundaries|without proper|improperly|"
+                 r"spread(?:ing)? (?:rumou?rs|lies)|profit from|rigg(?:ed|ing)|cherry-?pick\w*)\b")
 _MEDICAL = _rx(r"\b(?:patients?|physicians?|doctors?|nurses?|clinicians?|clinics?|hospitals?|medical|medicine|health\w*|care|treatments?|diagnos\w*|prescri\w*|"
                r"drugs?|medications?|insurance|claims?|(?:medical|health|patient|clinical|dental|hospital) records?|charts?|surgery|surgeons?|procedures?|trials?|research|stud(?:y|ies)|vaccin\w*|colleagues?|icu|"
                r"pharma\w*|therap\w*|residents?|elderly|disabilit\w*|consent|public health|epidemic|pandemic|outbreak|infection|cancer|hiv|aids|mental|"
@@ -1795,7 +1815,9 @@ _SAFE_TARGET = _rx(r"\b(?:kill|killing|beat|beating|knock out|knocking out|fight
                    r"program|acne|spots|pimples|warts|fungus|plaque|cough|sniffles|jet ?lag|hangover|insomnia|fatigue|anxiety|fat|calories|workout)\b")
 # "How can I lower my risk of ...": looking after oneself or someone else; the classifier
 # over-reads the words around it (elderly, blood clot).
-_PREVENTION = _rx(r"^how (?:can|do|should|could) (?:i|we) (?:lower|reduce|prevent|avoid|protect|improve|manage|look after|care for|keep \w+ safe|cut (?:down|my risk))\b")
+_PREVENTION = _rx(r"^how (?:can|do|should|could) (?:i|we) (?:lower|reduce|prevent|avoid|protect|improve|manage|look after|care for|keep \w+ safe|cut (?:down|my risk))\b"
+                  r"|\bwhere (?:can|do|should|could) (?:i|we) (?:get|find|go for) (?:help|treatment|support|care|a |an |free |cheap |low-cost )"
+                  r"|\bhow (?:can|do) (?:i|we) (?:get|find) (?:help|treatment|support|care)\b")
 SAFETY_THRESHOLD = 0.5  # P(refuse) + P(escalate) from the classifier at which a question is held back
 
 
