@@ -145,6 +145,7 @@ class GenerationSection:
     temperature: float = 0.0
     top_p: float = 0.9
     repetition_penalty: float = 1.1
+    no_repeat_ngram_size: int = 3
 
 
 @dataclass
@@ -201,6 +202,7 @@ VALUE_RULES = [
     ("generation.temperature", lambda v: v >= 0, "use 0 (greedy) or a positive value"),
     ("generation.top_p", lambda v: 0 < v <= 1, "use a value in (0, 1]"),
     ("generation.repetition_penalty", lambda v: v > 0, "use a positive value, 1.0 = off"),
+    ("generation.no_repeat_ngram_size", lambda v: v >= 0, "use 0 (off) or a small n such as 3"),
 ]
 
 
@@ -1374,6 +1376,25 @@ class _SentenceStreamer:
         pass
 
 
+def _no_repeat_in_answer(prompt_len: int, n: int):
+    """Like transformers' no_repeat_ngram_size, but over the answer only: the answer may quote
+    the system prompt or the question ("see a healthcare professional"), never itself."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class NoRepeatInAnswer(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            for row, ids in enumerate(input_ids[:, prompt_len:].tolist()):
+                if len(ids) < n:
+                    continue
+                prefix = tuple(ids[len(ids) - n + 1:])
+                banned = [ids[i + n - 1] for i in range(len(ids) - n + 1) if tuple(ids[i:i + n - 1]) == prefix]
+                if banned:
+                    scores[row, torch.tensor(banned)] = -float("inf")
+            return scores
+    return NoRepeatInAnswer()
+
+
 def generate_answer(model, tokenizer, history: list[dict], cfg: Config, streamer=None) -> tuple[str, str]:
     """Generate the assistant's next turn. Returns (text, how it ended: eos | cap | interrupted)."""
     import torch
@@ -1383,6 +1404,10 @@ def generate_answer(model, tokenizer, history: list[dict], cfg: Config, streamer
     stop_ids = end_of_turn_ids(tokenizer)
     kwargs = dict(max_new_tokens=g.max_new_tokens, eos_token_id=stop_ids,
                   pad_token_id=tokenizer.pad_token_id, repetition_penalty=g.repetition_penalty)
+    if g.no_repeat_ngram_size:
+        from transformers import LogitsProcessorList
+        kwargs["logits_processor"] = LogitsProcessorList(
+            [_no_repeat_in_answer(inputs["input_ids"].shape[1], g.no_repeat_ngram_size)])
     if g.temperature > 0:
         kwargs.update(do_sample=True, temperature=g.temperature, top_p=g.top_p)
     else:

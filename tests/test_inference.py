@@ -105,3 +105,15 @@ def test_interactive_session_in_a_terminal(trained):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_no_repeat_applies_to_the_answer_not_the_prompt():
+    import torch
+    proc = utils._no_repeat_in_answer(prompt_len=3, n=2)
+    scores = torch.zeros(1, 10)
+    # prompt 5 6 7; answer so far 5 6 ... 5 -> 6 would repeat the answer's own bigram "5 6"
+    out = proc(torch.tensor([[5, 6, 7, 5, 6, 9, 5]]), scores.clone())
+    assert out[0, 6] == -float("inf") and torch.isfinite(out[0, [5, 7, 9]]).all()
+    # the bigram "6 7" only appears in the prompt: the answer may use it
+    out = proc(torch.tensor([[5, 6, 7, 1, 6]]), scores.clone())
+    assert torch.isfinite(out).all()
