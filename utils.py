@@ -1467,8 +1467,11 @@ def chat(cfg: Config, adapter: str | None = None, base: bool = False, question: 
          output: str | None = None) -> int:
     """`python main.py inference`: one --question, questions piped on stdin (one per line), or an
     interactive session on a terminal."""
+    try:  # before the model load: a bad path should cost a second, not a load
+        sink = open(output, "a", encoding="utf-8") if output else None
+    except OSError as exc:
+        raise UserError(f"--output {output}: cannot write there ({exc.strerror}); pass a writable file path") from None
     model, tokenizer, run_cfg, label = load_chat_model(cfg, adapter, base)
-    sink = open(output, "a", encoding="utf-8") if output else None
 
     def generate(history, check, out):
         streamer = _SentenceStreamer(tokenizer, out, check) if out is not None else None
@@ -1806,13 +1809,18 @@ _ABOUT_OK = {"violence", "crime", "weapons"}
 _PAST = _rx(r"^(?:why|how|when|where) (?:did|was|were|had|does|do(?! i\b| you\b| we\b))\b")
 
 
+def _asks_about(q: str) -> bool:
+    """Asked *about* something (what is, why, is it safe), not for the means to do it."""
+    return bool(_ABOUT.search(q)) and not _OPERATIONAL.search(q)
+
+
 def rule_screen(q: str) -> Screen | None:
     """The pattern rules on a normalised question; None when none fires."""
     if not _HYPOTHETICAL.search(q) and _NOW_PERSON.search(q) and not _SUPPORT.search(q):
         for category, pattern in EMERGENCY_RULES:
             if pattern.search(q):
                 return Screen("escalate", category)
-    about = bool(_ABOUT.search(q)) and not _OPERATIONAL.search(q)
+    about = _asks_about(q)
     for category, pattern in REFUSE_RULES:
         if pattern.search(q):
             if category == "self_harm" and _SUPPORT.search(q):
@@ -1857,7 +1865,7 @@ def screen_question(text: str, use_classifier: bool = True) -> Screen:
     hit = rule_screen(q)
     if hit:
         return hit
-    about = bool(_ABOUT.search(q)) and not _OPERATIONAL.search(q)
+    about = _asks_about(q)
     if use_classifier and (_MEDICAL.search(q) or _DRUGS.search(q)) and not _SAFE_TARGET.search(q) \
             and not _PREVENTION.search(q) and not about and not _COMPLAINT.search(q):
         p = classify_question(text)

@@ -117,3 +117,11 @@ def test_no_repeat_applies_to_the_answer_not_the_prompt():
     # the bigram "6 7" only appears in the prompt: the answer may use it
     out = proc(torch.tensor([[5, 6, 7, 1, 6]]), scores.clone())
     assert torch.isfinite(out).all()
+
+
+def test_bad_adapter_and_output_paths_are_clear_errors(trained, tmp_path, capsys):
+    assert main.main(["inference", str(trained), "--adapter", str(tmp_path), "--question", "hi"]) == 2
+    assert "no adapter_config.json there" in capsys.readouterr().err
+    assert main.main(["inference", str(trained), "--question", "hi", "--output", str(tmp_path / "no" / "a.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write there" in err and "Traceback" not in err
