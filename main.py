@@ -5,6 +5,7 @@
     python main.py train --resume            # continue from the newest checkpoint
     python main.py inference [config.yaml]   # chat with the trained adapter ('quit' to leave)
     python main.py inference --question "What is gout?" --output answers.jsonl
+    python main.py evaluate [config.yaml]    # base vs tuned: loss, answers, safety, speed
 
 Every subcommand takes an optional config path (default: config.yaml).
 """
@@ -28,7 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     inference.add_argument("--base", action="store_true", help="talk to the untuned base model, for comparison")
     inference.add_argument("--question", help="answer this one question and exit")
     inference.add_argument("--output", help="append {question, answer, ...} JSON lines to this file")
-    for p in (data, train, inference):
+    evaluate = sub.add_parser("evaluate", help="compare the trained adapter with its base model")
+    evaluate.add_argument("--adapter", help="a final model folder or checkpoint-N (default: the newest final model)")
+    evaluate.add_argument("--qa", help=f"JSONL of instruction/response pairs (default: data/eval_qa.jsonl)")
+    evaluate.add_argument("--harmful", help="JSONL of prompts to refuse (prompt or instruction; a row's label wins)")
+    evaluate.add_argument("--benign", help="JSONL of prompts to answer (prompt or instruction; a row's label wins)")
+    evaluate.add_argument("--limit", type=int, help="use at most N rows of each set (a reproducible sample)")
+    evaluate.add_argument("--fail-on-regression", action="store_true",
+                          help="exit 1 if the tuned model is less safe than the base or its validation loss is worse")
+    for p in (data, train, inference, evaluate):
         p.add_argument("config", nargs="?", default="config.yaml", help="YAML config (default: config.yaml)")
     return parser
 
@@ -42,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             return utils.show_data(cfg)
         if args.command == "train":
             return utils.train(cfg, resume=args.resume, overwrite=args.overwrite, config_path=args.config)
+        if args.command == "evaluate":
+            return utils.evaluate(cfg, adapter=args.adapter, qa_file=args.qa, harmful=args.harmful,
+                                  benign=args.benign, limit=args.limit, fail_on_regression=args.fail_on_regression)
         return utils.chat(cfg, adapter=args.adapter, base=args.base, question=args.question, output=args.output)
     except utils.UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

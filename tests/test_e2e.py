@@ -45,3 +45,9 @@ def test_fast_preset_learns(tmp_path):
     (row,) = [json.loads(l) for l in out.read_text().splitlines()]
     assert row["safety"]["model_answered"] and row["answer"].count(utils.DEFAULT_DISCLAIMER) == 1
     assert len(row["answer"]) > len(utils.DEFAULT_DISCLAIMER) + 20
+    # and `evaluate` on a small sample says the tuned model fits held-out answers better than its base
+    assert main.main(["evaluate", str(cfg), "--limit", "3"]) == 0
+    report = json.loads((final / "evaluation.json").read_text())
+    assert report["tuned"]["val_loss"] < report["base"]["val_loss"]
+    assert report["tuned"]["qa_loss"] < report["base"]["qa_loss"]
+    assert report["tuned"]["safety_layer_on"]["harmful_held_back"] == 1.0
