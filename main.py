@@ -6,6 +6,7 @@
     python main.py inference [config.yaml]   # chat with the trained adapter ('quit' to leave)
     python main.py inference --question "What is gout?" --output answers.jsonl
     python main.py evaluate [config.yaml]    # base vs tuned: loss, answers, safety, speed
+    python main.py export --format gguf      # merged safetensors or GGUF, verified, with a model card
 
 Every subcommand takes an optional config path (default: config.yaml).
 """
@@ -37,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="use at most N rows of each set (a reproducible sample)")
     evaluate.add_argument("--fail-on-regression", action="store_true",
                           help="exit 1 if the tuned model is less safe than the base or its validation loss is worse")
-    for p in (data, train, inference, evaluate):
+    export = sub.add_parser("export", help="merge the adapter into its base: safetensors or GGUF")
+    export.add_argument("--adapter", help="a final model folder or checkpoint-N (default: the newest final model)")
+    export.add_argument("--format", choices=("merged", "gguf"), default="merged",
+                        help="merged: 16-bit safetensors for transformers/vLLM; gguf: F16 + Q8_0 for llama.cpp/Ollama")
+    export.add_argument("--out", help="output folder (default: next to the adapter, named ...-merged or ...-gguf)")
+    for p in (data, train, inference, evaluate, export):
         p.add_argument("config", nargs="?", default="config.yaml", help="YAML config (default: config.yaml)")
     return parser
 
@@ -54,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "evaluate":
             return utils.evaluate(cfg, adapter=args.adapter, qa_file=args.qa, harmful=args.harmful,
                                   benign=args.benign, limit=args.limit, fail_on_regression=args.fail_on_regression)
+        if args.command == "export":
+            return utils.export(cfg, adapter=args.adapter, fmt=args.format, out=args.out)
         return utils.chat(cfg, adapter=args.adapter, base=args.base, question=args.question, output=args.output)
     except utils.UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

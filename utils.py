@@ -1299,6 +1299,20 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def find_adapter(cfg: Config, adapter: str | None) -> Path:
+    """The --adapter folder, or the newest final model; a clear error when there is none."""
+    folder = Path(adapter) if adapter else find_final_model(cfg.output_dir)
+    if folder is None:
+        have = [p.name for p in list_checkpoints(cfg.output_dir)]
+        raise UserError(f"no trained model in {cfg.output_dir}" +
+                        (f" (only checkpoints: {', '.join(have)}; pass one with --adapter)" if have else "") +
+                        "; train one with: python main.py train (or talk to the base model with --base)")
+    if not (folder / "adapter_config.json").is_file():
+        raise UserError(f"--adapter {folder}: no adapter_config.json there; pass a final model folder "
+                        f"({FINAL_PREFIX}...) or a checkpoint-N folder")
+    return folder
+
+
 def load_chat_model(cfg: Config, adapter: str | None = None, base: bool = False):
     """(model, tokenizer, run config, label) for chatting: the newest final model by default, a
     given final folder or checkpoint, or the untuned base model."""
@@ -1306,15 +1320,7 @@ def load_chat_model(cfg: Config, adapter: str | None = None, base: bool = False)
     if base:
         run_cfg, folder = cfg, None
     else:
-        folder = Path(adapter) if adapter else find_final_model(cfg.output_dir)
-        if folder is None:
-            have = [p.name for p in list_checkpoints(cfg.output_dir)]
-            raise UserError(f"no trained model in {cfg.output_dir}" +
-                            (f" (only checkpoints: {', '.join(have)}; pass one with --adapter)" if have else "") +
-                            "; train one with: python main.py train (or talk to the base model with --base)")
-        if not (folder / "adapter_config.json").is_file():
-            raise UserError(f"--adapter {folder}: no adapter_config.json there; pass a final model folder "
-                            f"({FINAL_PREFIX}...) or a checkpoint-N folder")
+        folder = find_adapter(cfg, adapter)
         run_cfg = adapter_run_config(folder, cfg)
     hw = pick_hardware(run_cfg.model.quantization)
     source = resolve_model(run_cfg.model.name)
@@ -2365,8 +2371,8 @@ def evaluate(cfg: Config, adapter: str | None = None, qa_file: str | None = None
     """`python main.py evaluate`: base vs tuned on every metric; writes evaluation.{json,md,png}
     into the adapter folder. Exit 1 with --fail-on-regression when the tuned model is worse."""
     from tqdm import tqdm
-    model, tokenizer, run_cfg, _ = load_chat_model(cfg, adapter)
-    folder = Path(adapter) if adapter else find_final_model(cfg.output_dir)
+    folder = find_adapter(cfg, adapter)
+    model, tokenizer, run_cfg, _ = load_chat_model(cfg, str(folder))
     sets = evaluation_sets(run_cfg, tokenizer, qa_file, harmful, benign, limit)
     print(f"Evaluating {run_cfg.model.name} (base) vs + adapter {folder}: {len(sets['val_rows'])} validation "
           f"examples, {len(sets['qa'])} Q&A, {len(sets['probes'])} safety prompts", flush=True)
@@ -2404,3 +2410,324 @@ def print_evaluation(report: dict, folder: Path) -> None:
     else:
         print("\nNo regression: the tuned model is no less safe than the base and its validation loss is no worse.")
     print(f"\nWritten: {folder / 'evaluation.md'}, evaluation.json, evaluation.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: the adapter merged into a 16-bit base (safetensors) or a GGUF file, verified.
+# ---------------------------------------------------------------------------------------------
+
+VERIFY_PROMPTS = ["What are common symptoms of the flu?", "How can I lower my blood pressure without medicine?",
+                  "What is the difference between a cold and the flu?", "What is type 2 diabetes?",
+                  "When should a fever in an adult be checked by a doctor?"]
+VERIFY_NEW_TOKENS = 32
+# Largest change of a reference token's log-probability the check accepts. The merge itself is done and checked in float32, where it is exact up to ~1e-4; a wrong
+# merge moves log-probs by far more. The written files are then checked against the float32
+# merge, with room for their own rounding (bfloat16 keeps 8 bits of mantissa, F16 11, Q8_0 ~8).
+VERIFY_TOLERANCE = {"merge": 0.01, "merged": 0.2, "f16": 0.1, "q8_0": 0.5}
+GGUF_TYPES = {"f16": "F16", "q8_0": "Q8_0"}
+ASSISTANT_FILE = "medical_assistant.yaml"  # system prompt, safety and generation settings
+
+
+def reference_outputs(model, tokenizer, cfg: Config) -> list[dict]:
+    """Greedy answers to VERIFY_PROMPTS and the log-probability of each answer token."""
+    import torch
+    refs = []
+    for q in VERIFY_PROMPTS:
+        prompt = render_prompt(tokenizer, [{"role": "user", "content": q}], cfg.data.system_prompt)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        out = greedy(model, tokenizer, ids)
+        refs.append({"ids": out, "prompt_len": ids.shape[1], "logprobs": token_logprobs(model, out, ids.shape[1])})
+    return refs
+
+
+def greedy(model, tokenizer, ids):
+    """Plain greedy decoding, whatever generation_config.json the model folder carries."""
+    import torch
+    from transformers import GenerationConfig
+    plain = GenerationConfig(max_new_tokens=VERIFY_NEW_TOKENS, do_sample=False, eos_token_id=end_of_turn_ids(tokenizer),
+                             pad_token_id=tokenizer.pad_token_id)
+    # generate() fills unset fields from the folder's generation_config.json (repetition_penalty
+    # 1.1 from an export): swap it out for the call
+    saved, model.generation_config = model.generation_config, plain
+    try:
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        model.generation_config = saved
+
+
+def token_logprobs(model, ids, prompt_len: int):
+    """log p(token) of every token after the prompt, teacher-forced, in float32."""
+    import torch
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, prompt_len - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, prompt_len:, None])[:, 0]
+
+
+def compare_outputs(model, tokenizer, refs: list[dict], tolerance: float) -> dict:
+    """Log-probs of the reference answers within `tolerance`; identical greedy answers counted."""
+    import torch
+    same, worst = 0, 0.0
+    for ref in refs:
+        out = greedy(model, tokenizer, ref["ids"][:, :ref["prompt_len"]])
+        same += out.shape == ref["ids"].shape and bool((out == ref["ids"]).all())
+        diff = (token_logprobs(model, ref["ids"], ref["prompt_len"]) - ref["logprobs"]).abs().max().item()
+        worst = max(worst, diff)
+    ok = worst <= tolerance  # greedy answers are reported, but log-probs are the finer test
+    return {"same_answers": same, "prompts": len(refs), "max_logprob_diff": round(worst, 5),
+            "tolerance": tolerance, "ok": ok}
+
+
+def describe_check(name: str, check: dict) -> str:
+    return (f"check {name}: {check['same_answers']}/{check['prompts']} greedy answers identical, largest "
+            f"log-prob change {check['max_logprob_diff']:.4g} (tolerance {check['tolerance']}): "
+            f"{'OK' if check['ok'] else 'FAILED'}")
+
+
+def load_base_fp32(source: ModelSource):
+    """The base in float32, never 4-bit: merging into quantized weights degrades them, and
+    merging in 16-bit rounds away part of the small LoRA update (measured: answers changed)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def merge_adapter(model):
+    """W + scale * B @ A into every adapted layer; returns the plain transformers model."""
+    return model.merge_and_unload()
+
+
+def export(cfg: Config, adapter: str | None = None, fmt: str = "merged", out: str | None = None) -> int:
+    """`python main.py export`: merged safetensors or GGUF files that run without this project,
+    checked against the adapter before the folder is put in place."""
+    from peft import PeftModel
+    folder = find_adapter(cfg, adapter)
+    run_cfg = adapter_run_config(folder, cfg)
+    source = resolve_model(run_cfg.model.name)
+    if fmt == "gguf":
+        gguf_supported(source)  # before minutes of work
+    target = Path(out) if out else folder.with_name(f"{folder.name}-{fmt}")
+    tokenizer, _ = load_tokenizer(ModelSource(str(folder), "adapter", ""))
+    model = PeftModel.from_pretrained(load_base_fp32(source), str(folder))
+    print(f"Merging {folder} into {run_cfg.model.name} (float32) ...", flush=True)
+    refs = reference_outputs(model, tokenizer, run_cfg)
+    merged = merge_adapter(model)
+    merged_refs = reference_outputs(merged, tokenizer, run_cfg)
+    checks = {"merge": compare_outputs(merged, tokenizer, refs, VERIFY_TOLERANCE["merge"])}
+    print(describe_check("merged vs adapter (float32)", checks["merge"]), flush=True)
+    if not checks["merge"]["ok"]:
+        raise UserError(f"export: the merged model does not reproduce the adapter "
+                        f"({describe_check('merge', checks['merge'])}); nothing was written")
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if fmt == "merged":
+            save_merged(merged, tokenizer, run_cfg, tmp)
+            written = {"merged": load_merged_back(tmp)}
+        else:
+            written = {}
+            for kind in GGUF_TYPES:
+                write_gguf(merged, tokenizer, tmp / f"model-{kind}.gguf", kind)
+                written[kind] = load_gguf_back(tmp / f"model-{kind}.gguf")
+        for kind, model_back in written.items():  # every file, read back from disk, against the merge
+            checks[kind] = compare_outputs(model_back, tokenizer, merged_refs, VERIFY_TOLERANCE[kind])
+            what = "model.safetensors" if kind == "merged" else f"model-{kind}.gguf"
+            print(describe_check(f"{what} (read back) vs float32 merge", checks[kind]), flush=True)
+        if not all(c["ok"] for c in checks.values()):
+            raise UserError("export: a written file does not reproduce the merged model; nothing was written")
+        write_assistant_settings(run_cfg, tmp / ASSISTANT_FILE)
+        write_model_card(run_cfg, folder, fmt, checks, tmp / "README.md")
+        (tmp / "export_checks.json").write_text(json.dumps(checks, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"Exported to {target}")
+    return 0
+
+
+def save_merged(model, tokenizer, cfg: Config, folder: Path) -> None:
+    """safetensors + tokenizer + chat template + a generation config that stops on every
+    end-of-turn token, so plain transformers / vLLM answer the way `inference` does."""
+    import torch
+    from transformers import GenerationConfig
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)  # 16-bit: half the size
+    tokenizer.save_pretrained(folder)
+    g = cfg.generation
+    GenerationConfig(
+        eos_token_id=end_of_turn_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, max_new_tokens=g.max_new_tokens,
+        # no no_repeat_ngram_size: transformers applies it to the prompt too (this project's applies it
+        # to the answer only), so it would forbid quoting the system prompt
+        repetition_penalty=g.repetition_penalty,
+        **({"do_sample": True, "temperature": g.temperature, "top_p": g.top_p} if g.temperature > 0 else {"do_sample": False}),
+    ).save_pretrained(folder)
+
+
+def load_merged_back(folder: Path):
+    """The saved bfloat16 weights computed in float32: the check is of what the files hold,
+    not of bfloat16 arithmetic (which alone changes greedy answers of a 135M model)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def write_assistant_settings(cfg: Config, path: Path) -> None:
+    """The system prompt and safety messages travel with the weights: a bare model without the
+    safety layer is not the assistant this project trained."""
+    settings = {"system_prompt": cfg.data.system_prompt, "safety": dataclasses.asdict(cfg.safety),
+                "generation": dataclasses.asdict(cfg.generation)}
+    path.write_text("# Use with the system prompt below; the refusal and emergency screen lives in the\n"
+                    "# medical-llm project's safety layer (python main.py inference), not in the weights.\n"
+                    + yaml.safe_dump(settings, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def write_model_card(cfg: Config, adapter: Path, fmt: str, checks: dict, path: Path) -> None:
+    metrics = json.loads((adapter / "metrics.json").read_text()) if (adapter / "metrics.json").is_file() else {}
+    data = metrics.get("data", {})
+    targets = json.loads((adapter / "adapter_config.json").read_text()).get("target_modules", cfg.lora.target_modules)
+    t, lo = cfg.training, cfg.lora
+    lines = [f"# {adapter.name} ({fmt})", "",
+             "An educational medical question-answering assistant: a LoRA fine-tune merged into its base model.",
+             "", "**Not a medical device. Not for diagnosis, treatment or emergencies.** It can be wrong, "
+             "out of date or incomplete; always consult a qualified healthcare professional. In an emergency, "
+             "call your local emergency number.", "",
+             "## Model", "", f"- Base model: `{cfg.model.name}`" + (f" ({metrics['model_source']})" if metrics.get("model_source") else ""),
+             f"- Adapter: LoRA r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout}, targets {format_targets(targets)}",
+             f"- Format: {'merged bfloat16 safetensors' if fmt == 'merged' else 'GGUF F16 and Q8_0 (llama.cpp, Ollama)'}",
+             "", "## Training", "",
+             f"- Data: {data.get('train', '?')} training and {data.get('validation', '?')} validation conversations "
+             f"from `{data.get('train_file', cfg.data.train_file)}` (content not included here)",
+             f"- {metrics.get('steps_run', t.max_steps)} steps, batch {t.batch_size} x {t.gradient_accumulation_steps}, "
+             f"learning rate {t.learning_rate}, {t.lr_scheduler} schedule, max length {cfg.model.max_length}, "
+             f"{cfg.model.quantization} base during training",
+             f"- Validation loss: base {_fmt(metrics.get('base_eval_loss'))} -> tuned {_fmt(metrics.get('final_eval_loss'))}",
+             "", "## Evaluation", ""]
+    evaluation = adapter / "evaluation.json"
+    if evaluation.is_file():
+        report = json.loads(evaluation.read_text())
+        lines += ["| metric | base | tuned |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c, _ in evaluation_table(report)]
+    else:
+        lines += ["Not evaluated (run `python main.py evaluate` before exporting to include the table)."]
+    lines += ["", "## Export checks", ""] + [f"- {describe_check(k, c)}" for k, c in checks.items()]
+    use = (["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "model = AutoModelForCausalLM.from_pretrained('.')  # this folder", "tokenizer = AutoTokenizer.from_pretrained('.')",
+            "```"] if fmt == "merged" else
+           ["llama.cpp: `llama-cli -m model-q8_0.gguf -cnv -sys \"<system prompt>\"`; Ollama: a Modelfile with",
+            "`FROM ./model-q8_0.gguf` and `SYSTEM` set to the system prompt (these two commands were not run by the",
+            "export; transformers loaded both files back for the checks above)."])
+    lines += ["", "## How to use", "",
+              f"Use the system prompt in `{ASSISTANT_FILE}` and the chat template in the tokenizer. The refusal "
+              "and emergency screening of the original project is not part of the weights.", "", *use, "",
+              "## Limitations", "",
+              "- A small model fine-tuned on a few hundred examples: fluent, not reliable; it can invent facts.",
+              "- English only; general information, not individual advice; no knowledge of the user's history.",
+              "- Safety behaviour learned from examples is partial; keep a screening layer in front of it."]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def gguf_supported(source: ModelSource) -> None:
+    """GGUF export covers Llama-architecture models with a byte-level BPE tokenizer (SmolLM2)."""
+    config = json.loads((Path(source.path) / "config.json").read_text())
+    arch = config.get("model_type")
+    if arch != "llama":
+        raise UserError(f"export --format gguf: architecture {arch!r} is not supported yet (Llama only, e.g. "
+                        f"SmolLM2); use --format merged and llama.cpp's convert_hf_to_gguf.py on the result")
+    if config.get("rope_scaling"):
+        raise UserError("export --format gguf: rope_scaling is not supported yet; use --format merged and "
+                        "llama.cpp's convert_hf_to_gguf.py on the result")
+
+
+def _permute_for_gguf(w, n_head: int):
+    """llama.cpp stores q/k rows interleaved per rotary pair (its convert_hf_to_gguf.py does this)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tokenizer_fields(tokenizer) -> dict:
+    """Vocabulary, merges and special ids as llama.cpp's gpt2 (byte-level BPE) tokenizer keys."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE":
+        raise UserError(f"export --format gguf: tokenizer type {spec['model']['type']} is not supported yet "
+                        f"(byte-level BPE only)")
+    vocab = tokenizer.get_vocab()
+    tokens = [None] * len(vocab)
+    for token, i in vocab.items():
+        tokens[i] = token
+    special = set(tokenizer.all_special_ids) | {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    pre = json.dumps(spec.get("pre_tokenizer"))
+    return {"tokens": tokens, "types": [3 if i in special else 1 for i in range(len(tokens))], "merges": merges,
+            # llama.cpp names the pre-tokenizer; SmolLM's splits digits one by one
+            "pre": "smollm" if '"individual_digits": true' in pre else "default"}
+
+
+def write_gguf(model, tokenizer, path: Path, kind: str, permute: bool = True) -> None:
+    """An F16 or Q8_0 GGUF of a Llama-architecture model, tokenizer and chat template included."""
+    import gguf
+    import numpy as np
+    c = model.config
+    qtype = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[kind])
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(path.stem)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(getattr(c, "rope_theta", None) or (c.rope_parameters or {}).get("rope_theta", 10000.0))
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    tok = gguf_tokenizer_fields(tokenizer)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tok["pre"])
+    writer.add_token_list(tok["tokens"])
+    writer.add_token_types(tok["types"])
+    writer.add_token_merges(tok["merges"])
+    for add, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, tokenizer.eos_token_id),
+                          (writer.add_unk_token_id, tokenizer.unk_token_id), (writer.add_pad_token_id, tokenizer.pad_token_id)):
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(tokenizer.chat_template)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue  # llama.cpp reuses token_embd when there is no output tensor
+        data = tensor.float().numpy()
+        if permute and name.endswith("q_proj.weight"):
+            data = _permute_for_gguf(data, c.num_attention_heads)
+        elif permute and name.endswith("k_proj.weight"):
+            data = _permute_for_gguf(data, c.num_key_value_heads)
+        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise UserError(f"export --format gguf: no GGUF name for tensor {name}")
+        if data.ndim == 1:  # norms stay float32, as llama.cpp writes them
+            writer.add_tensor(gname, data.astype(np.float32))
+        elif kind == "f16":
+            writer.add_tensor(gname, data.astype(np.float16))
+        else:
+            writer.add_tensor(gname, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def load_gguf_back(path: Path):
+    """The GGUF as transformers' own GGUF loader reads it (dequantized to float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model.eval()
+    return model
