@@ -10,6 +10,7 @@ need them, so config and data mistakes are reported in well under a second.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -848,8 +849,10 @@ def guard_bnb_cpu_repack(model) -> int:
     return count
 
 
-def load_base_model(source: ModelSource, hw: Hardware):
-    """The frozen base model, quantized as `hw.quantization` says."""
+def load_base_model(source: ModelSource, hw: Hardware, training: bool = True):
+    """The frozen base model, quantized as `hw.quantization` says. Chat and evaluation never save
+    the model, so they keep bitsandbytes' fast CPU kernel (2x decode here); training, which saves
+    checkpoints, turns it off (guard_bnb_cpu_repack)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     kwargs = {"dtype": hw.dtype}
@@ -864,7 +867,8 @@ def load_base_model(source: ModelSource, hw: Hardware):
     model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     if hw.device == "mps":
         model = model.to("mps")
-    guard_bnb_cpu_repack(model)
+    if training:
+        guard_bnb_cpu_repack(model)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     for p in model.parameters():
         p.requires_grad_(False)
@@ -1007,14 +1011,53 @@ def training_arguments(cfg: Config, hw: Hardware, has_eval: bool, eval_steps: in
     )
 
 
+def answer_token_loss(model, inputs: dict, num_items_in_batch=None):
+    """Causal-LM loss with the LM head applied only where a label is set. The head (49k x 576 for
+    SmolLM2, a fifth of its FLOPs) and its float32 logits (batch x length x 49k, the largest
+    activation of a step) are wasted on the system prompt, question and padding, which carry no
+    loss. Same value as the model's own loss: summed cross-entropy over the shifted answer tokens,
+    divided by the answer tokens of the whole accumulated batch (the Trainer's num_items_in_batch)."""
+    import torch
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=inputs["input_ids"],
+                                attention_mask=inputs.get("attention_mask")).last_hidden_state
+    labels = inputs["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    cap = getattr(base.config, "final_logit_softcapping", None)  # Gemma 2
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    loss = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1))
+
+
+def _answer_loss_trainer():
+    from transformers import Trainer
+
+    class AnswerLossTrainer(Trainer):
+        """The Trainer with answer_token_loss. A model wrapped for several processes (DDP) must be
+        called through its wrapper to sync gradients, and a few families scale their logits
+        (Cohere, Granite): those keep the model's own loss."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            config = getattr(model, "config", None)
+            if (model is not self.accelerator.unwrap_model(model) or "labels" not in inputs
+                    or getattr(config, "logit_scale", None) or getattr(config, "logits_scaling", None)):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = answer_token_loss(model, inputs, num_items_in_batch)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return AnswerLossTrainer
+
+
 def build_trainer(cfg: Config, hw: Hardware, model, tokenizer, train_rows, val_rows, flag: dict):
-    from transformers import EarlyStoppingCallback, Trainer
+    from transformers import EarlyStoppingCallback
     has_eval = bool(val_rows)
     eval_steps = min(cfg.training.eval_steps, cfg.training.max_steps)
     callbacks = [_stop_flag_callback(flag)]
     if has_eval and cfg.training.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
-    return Trainer(
+    return _answer_loss_trainer()(
         model=model,
         args=training_arguments(cfg, hw, has_eval, eval_steps),
         train_dataset=ListDataset(train_rows),
@@ -1147,7 +1190,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, config_pat
         print_start_summary(cfg, hw, source, fallback, model, trainer, summary, token_stats, checkpoint)
     base_eval = trainer.evaluate()["eval_loss"] if val_ds and not checkpoint else None
     started = time.time()
-    with signals_set_flag(flag):
+    with signals_set_flag(flag), out_of_memory_explained(cfg, trainer, config_path):
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     runtime = time.time() - started
     if flag.get("signal"):
@@ -1163,6 +1206,25 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, config_pat
                              final_dir_for(cfg, overwrite))
     print_end_summary(metrics, final, config_path)
     return 0
+
+
+@contextlib.contextmanager
+def out_of_memory_explained(cfg: Config, trainer, config_path: str):
+    """Out of memory mid-training: say which settings lower it and where training can resume
+    (checkpoints already written are intact; the step that failed is simply redone)."""
+    import torch
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, (torch.OutOfMemoryError, MemoryError)) and "memory" not in str(exc).lower():
+            raise
+        found = list_checkpoints(cfg.output_dir)
+        resume = (f"continue from {found[-1].name} with: python main.py train {config_path} --resume" if found
+                  else "no checkpoint was written yet: train again")
+        raise UserError(
+            f"out of memory at step {trainer.state.global_step} ({type(exc).__name__}). Lower "
+            f"training.batch_size (raise training.gradient_accumulation_steps to keep the effective batch), "
+            f"lower model.max_length, or set training.gradient_checkpointing: true; then {resume}") from None
 
 
 class signals_set_flag:
@@ -1325,7 +1387,7 @@ def load_chat_model(cfg: Config, adapter: str | None = None, base: bool = False)
     hw = pick_hardware(run_cfg.model.quantization)
     source = resolve_model(run_cfg.model.name)
     tokenizer, _ = load_tokenizer(ModelSource(str(folder), "adapter", "") if folder else source)
-    model = load_base_model(source, hw)
+    model = load_base_model(source, hw, training=False)
     if folder is not None:
         model = PeftModel.from_pretrained(model, str(folder))
     model.config.use_cache = True
@@ -2290,7 +2352,7 @@ def evaluation_table(report: dict) -> list[tuple[str, str, str, str]]:
 
 def write_evaluation_md(report: dict, path: Path) -> None:
     s = report["settings"]
-    lines = [f"# Evaluation: {s['base_model']} vs + adapter", "",
+    lines = [f"# Evaluation: {s['base_model']} without (base) and with (tuned) the adapter", "",
              f"Adapter: `{s['adapter']}`. Evaluated {s['date']} on {s['device']}. Validation examples: "
              f"{s['n_val']}; held-out Q&A: {s['n_qa']} (`{s['qa_file']}`); safety prompts: {s['n_probes']} "
              f"({', '.join(f'`{f}`' for f in s['probe_files'])}). Greedy decoding; safety replies read from their "

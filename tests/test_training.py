@@ -95,6 +95,23 @@ def test_checkpoint_save_does_not_change_the_model(tiny_model):
     assert torch.equal(a, b)
 
 
+def test_chat_keeps_the_fast_cpu_kernel_with_the_same_outputs(tiny_model):
+    """Chat loads without the guard (it never saves): bitsandbytes' repacked CPU kernel, where the
+    CPU has one, must compute what the guarded path computes."""
+    import bitsandbytes as bnb
+    source, hw = utils.resolve_model(str(tiny_model)), utils.pick_hardware("4bit")
+    guarded, fast = utils.load_base_model(source, hw), utils.load_base_model(source, hw, training=False)
+    layers = [m for m in fast.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in guarded.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert all(m.support_avx512bf16_for_cpu == bnb.functional.has_avx512bf16() for m in layers)
+    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = guarded.eval()(input_ids=x).logits.float(), fast.eval()(input_ids=x).logits.float()
+    assert torch.allclose(a, b, atol=0.05, rtol=0.02), (a - b).abs().max()
+    if bnb.functional.has_avx512bf16():  # the kernel really ran: its repacked layout is in place
+        assert all(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+
+
 def test_same_config_same_losses_and_no_silent_overwrite(first_run):
     cfg, out, logged = first_run
     assert main.main(["train", str(cfg)]) == 0
@@ -207,3 +224,21 @@ def test_other_quantizations_train(tiny_model, tmp_path, quantization):
     assert main.main(["train", str(cfg)]) == 0
     metrics = json.loads((tmp_path / "out" / "my_custom_llm_tiny-llama" / "metrics.json").read_text())
     assert metrics["quantization"] == quantization
+
+
+def test_answer_token_loss_equals_the_models_own_loss(tiny_model):
+    """The LM head only on answer tokens (2.2x faster training, less memory: make bench) must not
+    change the loss: same value as the model's own, with and without accumulation normalisation."""
+    cfg = utils.config_from_dict({"model": {"name": str(tiny_model)}})
+    source = utils.resolve_model(str(tiny_model))
+    tokenizer, _ = utils.load_tokenizer(source)
+    model = utils.attach_lora(utils.load_base_model(source, utils.pick_hardware("4bit")), cfg)
+    rows = [utils.render_example(tokenizer, [{"role": "user", "content": f"What helps a sore throat {i}?"},
+                                             {"role": "assistant", "content": "Rest and fluids. " * (i + 1)}],
+                                 "Be careful.", 256) for i in range(3)]
+    batch = utils.PadCollator(tokenizer.pad_token_id)(rows)
+    answer_tokens = int((batch["labels"][:, 1:] != utils.IGNORE_INDEX).sum())
+    with torch.no_grad():
+        own = model(**batch).loss.item()
+        assert abs(utils.answer_token_loss(model, batch) - own) < 1e-3
+        assert abs(2 * utils.answer_token_loss(model, batch, 2 * answer_tokens) - own) < 1e-3

@@ -1,0 +1,572 @@
+"""Speed and memory of fine-tuning and generation, against the seed's recipe and the hardware.
+
+    make bench                                         # bundled SmolLM2, a few minutes on 2 cores
+    .venv/bin/python benchmarks/bench.py --smoke       # tiny random model, seconds (what the tests run)
+    .venv/bin/python benchmarks/bench.py --only project --set training.gradient_checkpointing=false
+
+Writes benchmarks/results.json and prints a table. This machine's speed swings about 2x from
+minute to minute, so the GEMM and memory-read rates are measured just before and after every
+workload and each figure is also given as a ratio to them (MFU, fraction of the bandwidth bound).
+
+Workloads, each in its own process so their peak RSS are separate:
+  project      the project's own training path: utils.load_splits / build_datasets /
+               load_base_model / attach_lora / build_trainer with config.yaml, timed by a callback
+  seed_recipe  the seed's recipe written plainly: every example padded to max_length, loss on the
+               whole sequence, gradient checkpointing, kbit preparation, 4-bit base, HF Trainer;
+               same model, examples, LoRA shape, batch and learning rate
+  generation   utils.load_chat_model(base=True): time to first token for a 100-token question and
+               decode tokens/s over 128 new tokens with the KV cache
+Both training workloads are then scored by the same function: mean loss on the answer tokens of
+the same validation examples, after the same number of examples seen.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import yaml  # noqa: E402
+
+import utils  # noqa: E402
+
+REAL_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EVAL_EXAMPLES = 16        # validation examples scored after training (same ones for every workload)
+QUESTION_TOKENS = 100     # length of the generation prompt's question, before the chat template
+NEW_TOKENS = 128          # decode length
+# Targets of issue 7 on this machine (ratios, so they hold on a noisy host).
+TARGETS = {"speedup_vs_seed": 5.0, "mfu": 0.40, "peak_rss_mb": 2048.0, "decode_fraction_of_bound": 0.50}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware reference
+# ---------------------------------------------------------------------------------------------
+
+def gemm_gflops(dtype, n: int, seconds: float) -> float:
+    """Sustained square GEMM rate: 2 n^3 FLOPs per product, repeated for `seconds`."""
+    import torch
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    c = torch.mm(a, b)  # warm-up: thread pool, oneDNN kernel selection
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b, out=c)
+        reps += 1
+    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def read_bandwidth_gbs(mib: int, seconds: float) -> float:
+    """Memory read rate: sum a float32 buffer far larger than the caches (a sum is ~10x cheaper
+    in compute than the bandwidth it needs on AVX-512, so it measures the memory)."""
+    import torch
+    x = torch.ones(mib * 2 ** 20 // 4)
+    x.sum()
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        x.sum()
+        reps += 1
+    return x.numel() * 4 * reps / (time.perf_counter() - start) / 1e9
+
+
+def hardware_reference(smoke: bool) -> dict:
+    import torch
+    n, secs, mib = (256, 0.1, 64) if smoke else (2048, 1.5, 512)
+    if torch.cuda.is_available():
+        return cuda_reference(n, secs, mib)
+    return {"gemm_bf16_gflops": round(gemm_gflops(torch.bfloat16, n, secs), 1),
+            "gemm_fp32_gflops": round(gemm_gflops(torch.float32, n, secs), 1),
+            "mem_read_gbs": round(read_bandwidth_gbs(mib, secs), 2),
+            "at": time.strftime("%H:%M:%S"), "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
+def cuda_reference(n: int, secs: float, mib: int) -> dict:
+    import torch
+
+    def timed(fn):
+        fn()
+        torch.cuda.synchronize()
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < secs:
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+            reps += 10
+        return reps / (time.perf_counter() - start)
+
+    out = {}
+    for name, dtype in (("gemm_bf16_gflops", torch.bfloat16), ("gemm_fp32_gflops", torch.float32)):
+        a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+        out[name] = round(2 * n ** 3 * timed(lambda: a @ b) / 1e9, 1)
+    x = torch.ones(mib * 8 * 2 ** 20 // 4, device="cuda")
+    out["mem_read_gbs"] = round(x.numel() * 4 * timed(lambda: x.sum()) / 1e9, 2)
+    out.update(at=time.strftime("%H:%M:%S"), load_avg_1min=round(os.getloadavg()[0], 2))
+    return out
+
+
+def mean_reference(before: dict, after: dict) -> dict:
+    return {k: round((before[k] + after[k]) / 2, 2) for k in before if k != "at"}
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    hw = utils.pick_hardware("4bit")
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "device": hw.device,
+            "gpu": torch.cuda.get_device_name(0) if hw.device == "cuda" else None,
+            "compute_dtype": str(hw.dtype).replace("torch.", "")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the training workloads
+# ---------------------------------------------------------------------------------------------
+
+def bench_config(model: str, out_dir: str, steps: int, sets: list[str]):
+    """config.yaml (the project's default run) with the benchmark's model, output folder and step
+    count; `--set key=value` overrides go through the same validation as a user's config."""
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8")) or {}
+    raw["output_dir"] = out_dir
+    raw.setdefault("model", {})["name"] = model
+    raw.setdefault("training", {}).update(max_steps=steps, report_to="none", logging_steps=1)
+    for item in sets:
+        key, _, value = item.partition("=")
+        section, _, leaf = key.partition(".")
+        target = raw.setdefault(section, {}) if leaf else raw
+        target[leaf or section] = yaml.safe_load(value)
+    return utils.config_from_dict(raw, "config.yaml + benchmark overrides")
+
+
+def step_timer():
+    """A TrainerCallback that stamps the end of every optimizer step (first stamp: train begin),
+    so a step's time includes data loading, optimizer and logging, as a user's run does."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.stamps = [time.perf_counter()]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.stamps.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def counting(collate, log: list):
+    """Wrap a collator to record, per micro-batch in order: computed positions, real tokens,
+    tokens carrying loss, and the causal attention context sum_i n_i(n_i+1)/2 of its examples."""
+    def wrapped(rows):
+        batch = collate(rows)
+        lengths = batch["attention_mask"].sum(1).tolist()
+        log.append({"positions": batch["input_ids"].numel(), "real": int(sum(lengths)),
+                    "loss": int((batch["labels"][:, 1:] != utils.IGNORE_INDEX).sum()),
+                    "attn_ctx": int(sum(n * (n + 1) // 2 for n in lengths)), "examples": len(rows)})
+        return batch
+    return wrapped
+
+
+def model_shape(model) -> dict:
+    """Parameter counts that set the FLOPs: every matmul weight (4-bit layers counted by their
+    logical in x out size), the LM head apart, LoRA, and the attention width."""
+    import torch
+    body = head = lora = 0
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head_module = base.get_output_embeddings()
+    for name, module in base.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        size = module.in_features * module.out_features
+        if module is head_module:
+            head += size
+        elif "lora_" in name:
+            lora += size
+        else:
+            body += size
+    cfg = base.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {"matmul_params_body": body, "matmul_params_head": head, "lora_params": lora,
+            "layers": cfg.num_hidden_layers, "attn_width": cfg.num_attention_heads * head_dim}
+
+
+def training_flops(shape: dict, batches: list[dict]) -> float:
+    """Useful training FLOPs of these micro-batches (padding and recomputation earn nothing):
+      frozen base  4 N per real token (forward 2N, backward 2N for the input gradient only;
+                   no weight gradient), the LM head only where a token carries loss
+      LoRA         6 per adapter parameter per real token (forward 2, backward 4)
+      attention    QK^T and AV: 4 x width FLOPs per (query, key) pair forward, x3 with backward,
+                   over the causal pairs n(n+1)/2 of each real sequence, in every layer."""
+    real = sum(b["real"] for b in batches)
+    loss = sum(b["loss"] for b in batches)
+    ctx = sum(b["attn_ctx"] for b in batches)
+    return (4 * shape["matmul_params_body"] * real + 4 * shape["matmul_params_head"] * loss
+            + 6 * shape["lora_params"] * real + 12 * shape["layers"] * shape["attn_width"] * ctx)
+
+
+def answer_loss(model, rows: list[dict], pad_id: int, dtype) -> float:
+    """Mean cross-entropy over the answer tokens of `rows` (rendered by utils.render_example),
+    one example at a time so it adds no memory peak of its own."""
+    import torch
+    collate = utils.PadCollator(pad_id)
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for row in rows:
+            batch = {k: v.to(device) for k, v in collate([row]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            total += torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), labels.flatten(), reduction="sum").item()
+            count += int((labels != utils.IGNORE_INDEX).sum())
+    model.train()
+    return total / max(count, 1)
+
+
+def peak_rss_mb() -> float:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def summarise(name: str, timer, log: list, accum: int, warmup: int, shape: dict, extra: dict) -> dict:
+    """Rates over the optimizer steps after `warmup`; step k consumed micro-batches
+    [(k-1) accum, k accum) in the order the collator saw them."""
+    durations = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
+    timed = durations[warmup:]
+    batches = log[warmup * accum: len(durations) * accum]
+    seconds = sum(timed)
+    real = sum(b["real"] for b in batches)
+    positions = sum(b["positions"] for b in batches)
+    flops = training_flops(shape, batches)
+    return {"workload": name, "steps_timed": len(timed), "warmup_steps": warmup, "seconds": round(seconds, 2),
+            "examples": sum(b["examples"] for b in batches), "real_tokens": real,
+            "computed_positions": positions, "padding_fraction": round(1 - real / max(positions, 1), 3),
+            "real_tokens_per_s": round(real / seconds, 1),
+            "examples_per_s": round(sum(b["examples"] for b in batches) / seconds, 3),
+            "flops_per_real_token": round(flops / max(real, 1)), "train_gflops": round(flops / seconds / 1e9, 1),
+            **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads (each runs in a child process)
+# ---------------------------------------------------------------------------------------------
+
+def workload_project(opts) -> dict:
+    """The project's own training path, stage by stage as utils.train runs it."""
+    from transformers import set_seed
+    out_dir = tempfile.mkdtemp(prefix="bench-project-")
+    cfg = bench_config(opts.model, out_dir, opts.warmup + opts.steps, opts.set)
+    train_rows, val_rows, _ = utils.load_splits(cfg)
+    set_seed(cfg.seed)
+    hw = utils.pick_hardware(cfg.model.quantization)
+    source = utils.resolve_model(cfg.model.name)
+    tokenizer, _ = utils.load_tokenizer(source)
+    train_ds, val_ds, _ = utils.build_datasets(tokenizer, train_rows, val_rows, cfg)
+    model = utils.attach_lora(utils.load_base_model(source, hw), cfg)
+    # No validation set inside the run: eval and early stopping are not what is timed; the
+    # same answer_loss scores both workloads afterwards.
+    trainer = utils.build_trainer(cfg, hw, model, tokenizer, train_ds, [], {})
+    timer, log = step_timer(), []
+    trainer.add_callback(timer)
+    trainer.data_collator = counting(trainer.data_collator, log)
+    rss_before = peak_rss_mb()
+    trainer.train()
+    peak = peak_rss_mb()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h][opts.warmup:]
+    extra = {"peak_memory_mb": round(peak, 1), "peak_memory_before_train_mb": round(rss_before, 1),
+             "train_loss_answer_tokens": round(sum(losses) / max(len(losses), 1), 4),
+             "eval_loss_answer_tokens": round(answer_loss(model, val_ds[:opts.eval_examples],
+                                                          tokenizer.pad_token_id, hw.dtype), 4),
+             "batch_size": cfg.training.batch_size, "grad_accum": cfg.training.gradient_accumulation_steps,
+             "gradient_checkpointing": cfg.training.gradient_checkpointing,
+             "compute_dtype": str(hw.dtype).replace("torch.", ""), "overrides": opts.set}
+    return summarise("project", timer, log, cfg.training.gradient_accumulation_steps, opts.warmup,
+                     model_shape(model), extra)
+
+
+def workload_seed_recipe(opts) -> dict:
+    """The seed's recipe, written plainly and on purpose not through utils' training code."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments,
+                              set_seed)
+    out_dir = tempfile.mkdtemp(prefix="bench-seed-")
+    cfg = bench_config(opts.model, out_dir, opts.warmup + opts.steps, [])
+    train_rows, val_rows, _ = utils.load_splits(cfg)  # the same examples and split
+    set_seed(cfg.seed)
+    hw = utils.pick_hardware(cfg.model.quantization)
+    source = utils.resolve_model(cfg.model.name)
+    tokenizer, _ = utils.load_tokenizer(source)
+    system_ok = utils.supports_system_role(tokenizer)
+    L = cfg.model.max_length
+
+    def padded(messages):  # whole conversation, padded to max_length, loss on every real token
+        text = tokenizer.apply_chat_template(
+            utils.with_system_prompt(messages, cfg.data.system_prompt, system_ok), tokenize=False)
+        enc = tokenizer(text, add_special_tokens=False, truncation=True, max_length=L, padding="max_length")
+        labels = [t if m else utils.IGNORE_INDEX for t, m in zip(enc["input_ids"], enc["attention_mask"])]
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+    rows = [padded(m) for m in train_rows]
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=hw.dtype, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=hw.dtype))
+    utils.guard_bnb_cpu_repack(model)  # same bitsandbytes kernel path as the project
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    targets = utils.resolve_target_modules(model, cfg.lora.target_modules)
+    model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                             target_modules=targets, bias="none", task_type="CAUSAL_LM"))
+    t = cfg.training
+    args = TrainingArguments(
+        output_dir=out_dir, max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, max_grad_norm=t.max_grad_norm,
+        logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed, data_seed=cfg.seed,
+        gradient_checkpointing=True, bf16=hw.dtype == torch.bfloat16, fp16=hw.dtype == torch.float16,
+        use_cpu=hw.device == "cpu", remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True)
+    timer, log = step_timer(), []
+    from transformers import default_data_collator
+    trainer = Trainer(model=model, args=args, train_dataset=utils.ListDataset(rows),
+                      data_collator=counting(default_data_collator, log), callbacks=[timer])
+    rss_before = peak_rss_mb()
+    trainer.train()
+    peak = peak_rss_mb()
+    val_ds = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in
+              (utils.render_example(tokenizer, m, cfg.data.system_prompt, L, system_ok) for m in val_rows)
+              if r["n_loss_tokens"]]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h][opts.warmup:]
+    extra = {"peak_memory_mb": round(peak, 1), "peak_memory_before_train_mb": round(rss_before, 1),
+             "train_loss_whole_sequence": round(sum(losses) / max(len(losses), 1), 4),
+             "eval_loss_answer_tokens": round(answer_loss(model, val_ds[:opts.eval_examples],
+                                                          tokenizer.pad_token_id, hw.dtype), 4),
+             "batch_size": t.batch_size, "grad_accum": t.gradient_accumulation_steps,
+             "gradient_checkpointing": True, "compute_dtype": str(hw.dtype).replace("torch.", "")}
+    return summarise("seed_recipe", timer, log, t.gradient_accumulation_steps, opts.warmup,
+                     model_shape(model), extra)
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every parameter once (a tied embedding is the LM
+    head, read in full; an untied input embedding is one row, not counted), plus the 4-bit
+    layers' quantization scales."""
+    import torch
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embed = base.get_input_embeddings().weight
+    tied = embed is base.get_output_embeddings().weight
+    seen, total = set(), 0
+    for p in base.parameters():
+        if p.data_ptr() in seen or (p is embed and not tied):
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            for t in (state.absmax, getattr(getattr(state, "state2", None), "absmax", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def workload_generation(opts) -> dict:
+    """The project's chat model (utils.load_chat_model, untuned base), greedy, KV cache on."""
+    import torch
+    cfg = bench_config(opts.model, tempfile.mkdtemp(prefix="bench-gen-"), 1, opts.set)
+    model, tokenizer, run_cfg, _ = utils.load_chat_model(cfg, base=True)
+    words = ("I am 54 and was told my blood pressure is a bit high at my last check-up. I take no "
+             "medicines, I walk most days and I try to eat less salt. What else can I do to bring it "
+             "down, how often should I check it at home, and when should I go back to my doctor? ")
+    ids = tokenizer((words * 8), add_special_tokens=False)["input_ids"][:QUESTION_TOKENS]
+    question = tokenizer.decode(ids)
+    prompt = utils.render_prompt(tokenizer, [{"role": "user", "content": question}], run_cfg.data.system_prompt)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    kwargs = dict(do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id)
+
+    def generate(n: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        assert out.shape[1] - inputs["input_ids"].shape[1] == n
+        return time.perf_counter() - start
+
+    new = opts.new_tokens
+    bytes_per_token = weight_bytes_per_token(model)  # before the first forward repacks any weights
+    generate(4)  # warm-up: kernels, caches, bitsandbytes' CPU repack
+    ttft = min(generate(1) for _ in range(2))
+    full = generate(new)
+    # chat keeps bitsandbytes' repacked AVX-512 BF16 CPU kernel (training turns it off: PITFALLS)
+    fast_kernel = any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
+    return {"workload": "generation", "bnb_cpu_fast_kernel": fast_kernel, "prompt_tokens": int(inputs["input_ids"].shape[1]),
+            "question_tokens": len(ids), "new_tokens": new, "ttft_s": round(ttft, 3),
+            "decode_tokens_per_s": round((new - 1) / max(full - ttft, 1e-9), 1),
+            "weight_bytes_per_token": bytes_per_token, "weight_format": f"{utils.pick_hardware(cfg.model.quantization).quantization} base, "
+            f"LM head {str(model.get_output_embeddings().weight.dtype).replace('torch.', '')}",
+            "peak_memory_mb": round(peak_rss_mb(), 1)}
+
+
+WORKLOADS = {"project": workload_project, "seed_recipe": workload_seed_recipe, "generation": workload_generation}
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+def run_child(name: str, opts) -> dict:
+    """One workload in a fresh interpreter; its JSON comes back through a file."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result = Path(f.name)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--workload", name, "--model", opts.model,
+           "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--eval-examples", str(opts.eval_examples),
+           "--new-tokens", str(opts.new_tokens), "--result", str(result)]
+    for item in opts.set:
+        cmd += ["--set", item]
+    print(f"--- {name}", flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=None if opts.verbose else subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"workload {name} failed (exit {proc.returncode}):\n{(proc.stdout or '')[-4000:]}")
+    data = json.loads(result.read_text())
+    result.unlink()
+    return data
+
+
+def add_ratios(w: dict, ref: dict) -> dict:
+    """Figures relative to the hardware measured around this workload."""
+    if "real_tokens_per_s" in w:
+        gemm = ref["gemm_bf16_gflops"] if w["compute_dtype"] == "bfloat16" else ref["gemm_fp32_gflops"]
+        w["mfu"] = round(w["train_gflops"] / gemm, 4)
+        w["gemm_reference"] = "bf16" if w["compute_dtype"] == "bfloat16" else "fp32"
+    if "decode_tokens_per_s" in w:
+        bound = ref["mem_read_gbs"] * 1e9 / w["weight_bytes_per_token"]
+        w["decode_bound_tokens_per_s"] = round(bound, 1)
+        w["decode_fraction_of_bound"] = round(w["decode_tokens_per_s"] / bound, 4)
+    w["reference"] = ref
+    return w
+
+
+def targets(results: dict) -> dict:
+    w = results["workloads"]
+    out = {}
+    if "project" in w and "seed_recipe" in w:
+        p, s = w["project"], w["seed_recipe"]
+        out["speedup_vs_seed"] = round(p["real_tokens_per_s"] / s["real_tokens_per_s"], 2)
+        out["eval_loss_project_minus_seed"] = round(p["eval_loss_answer_tokens"] - s["eval_loss_answer_tokens"], 4)
+    if "project" in w:
+        out["mfu"] = w["project"]["mfu"]
+        out["peak_rss_mb"] = w["project"]["peak_memory_mb"]
+    if "generation" in w:
+        out["decode_fraction_of_bound"] = w["generation"]["decode_fraction_of_bound"]
+    met = {}
+    for key, goal in TARGETS.items():
+        if key in out:
+            met[key] = out[key] <= goal if key == "peak_rss_mb" else out[key] >= goal
+    return {"values": out, "goals": TARGETS, "met": met}
+
+
+def print_table(results: dict) -> None:
+    w = results["workloads"]
+    print(f"\n{results['machine']['cpu']}, {results['machine']['cores']} cores, torch "
+          f"{results['machine']['torch']}, {results['machine']['device']}; model {results['model']}")
+    print(f"{'training':<13}{'real tok/s':>11}{'ex/s':>7}{'pad %':>7}{'MFU':>7}{'peak MB':>9}{'eval loss':>11}")
+    for name in ("seed_recipe", "project"):
+        if name in w:
+            r = w[name]
+            print(f"{name:<13}{r['real_tokens_per_s']:>11.1f}{r['examples_per_s']:>7.2f}"
+                  f"{100 * r['padding_fraction']:>7.1f}{100 * r['mfu']:>6.1f}%{r['peak_memory_mb']:>9.0f}"
+                  f"{r['eval_loss_answer_tokens']:>11.4f}")
+    if "generation" in w:
+        g = w["generation"]
+        print(f"generation:   TTFT {g['ttft_s']:.3f} s ({g['prompt_tokens']} prompt tokens); decode "
+              f"{g['decode_tokens_per_s']:.1f} tok/s = {100 * g['decode_fraction_of_bound']:.1f}% of the "
+              f"bandwidth bound {g['decode_bound_tokens_per_s']:.0f} tok/s ({g['weight_bytes_per_token'] / 1e6:.0f} MB/token)")
+    refs = results["references"]
+    print("hardware:     " + "; ".join(f"bf16 {r['gemm_bf16_gflops']:.0f} / fp32 {r['gemm_fp32_gflops']:.0f} "
+                                       f"GFLOP/s, {r['mem_read_gbs']:.1f} GB/s, load {r['load_avg_1min']} at {r['at']}" for r in refs))
+    t = results["targets"]
+    for key, goal in t["goals"].items():
+        if key in t["values"]:
+            print(f"target {key:<27} {t['values'][key]:>9} (goal {'<=' if key == 'peak_rss_mb' else '>='} {goal}): "
+                  f"{'met' if t['met'][key] else 'NOT met'}")
+    if "eval_loss_project_minus_seed" in t["values"]:
+        print(f"eval loss project - seed after the same examples: {t['values']['eval_loss_project_minus_seed']:+.4f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, 2 timed steps: seconds")
+    parser.add_argument("--steps", type=int, help="timed optimizer steps per training workload (default 6; smoke 2)")
+    parser.add_argument("--warmup", type=int, help="untimed optimizer steps first (default 1: the longest batch, which the length-grouped sampler puts first)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
+    parser.add_argument("--only", action="append", choices=list(WORKLOADS), help="run only these workloads")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the project and generation workloads, e.g. training.batch_size=8")
+    parser.add_argument("--verbose", action="store_true", help="show the workloads' own output")
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--workload", choices=list(WORKLOADS), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--eval-examples", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--new-tokens", type=int, help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    opts.steps = opts.steps or (2 if opts.smoke else 6)
+    opts.warmup = opts.warmup if opts.warmup is not None else 1
+    opts.eval_examples = opts.eval_examples or (4 if opts.smoke else EVAL_EXAMPLES)
+    opts.new_tokens = opts.new_tokens or (16 if opts.smoke else NEW_TOKENS)
+    os.chdir(ROOT)  # config.yaml's data paths are relative to the repository root
+
+    if opts.workload:  # child process
+        data = WORKLOADS[opts.workload](opts)
+        Path(opts.result).write_text(json.dumps(data))
+        return 0
+
+    if opts.smoke:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny import build_tiny_model
+        opts.model = str(build_tiny_model(Path(tempfile.mkdtemp(prefix="bench-tiny-")) / "tiny-llama"))
+    else:
+        opts.model = opts.model or REAL_MODEL
+    source = utils.resolve_model(opts.model)  # convert the bundled GGUF once, before any timing
+    names = opts.only or list(WORKLOADS)
+    results = {"date": datetime.date.today().isoformat(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+               "smoke": opts.smoke, "machine": machine(), "model": opts.model, "model_source": source.note,
+               "steps": opts.steps, "warmup_steps": opts.warmup, "overrides": opts.set,
+               "references": [hardware_reference(opts.smoke)], "workloads": {}}
+    for name in names:
+        data = run_child(name, opts)
+        results["references"].append(hardware_reference(opts.smoke))
+        results["workloads"][name] = add_ratios(data, mean_reference(*results["references"][-2:]))
+    if "cuda" == results["machine"]["device"]:
+        results["phi4_mini"] = "skipped: Phi-4-mini-instruct is not on this machine and cannot be downloaded here"
+    results["targets"] = targets(results)
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.out).write_text(json.dumps(results, indent=2))
+    print_table(results)
+    print(f"\nwrote {opts.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The benchmark runs end to end on the tiny model and writes every field (no timing asserts:
+speed lives in `make bench`, not in the test suite)."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+TRAINING_FIELDS = {"steps_timed": int, "warmup_steps": int, "seconds": float, "examples": int, "real_tokens": int,
+                   "computed_positions": int, "padding_fraction": float, "real_tokens_per_s": float,
+                   "examples_per_s": float, "flops_per_real_token": int, "train_gflops": float, "mfu": float,
+                   "peak_memory_mb": float, "eval_loss_answer_tokens": float, "gradient_checkpointing": bool,
+                   "compute_dtype": str, "reference": dict}
+GENERATION_FIELDS = {"prompt_tokens": int, "question_tokens": int, "new_tokens": int, "ttft_s": float,
+                     "decode_tokens_per_s": float, "weight_bytes_per_token": int, "decode_bound_tokens_per_s": float,
+                     "decode_fraction_of_bound": float, "weight_format": str, "peak_memory_mb": float}
+REFERENCE_FIELDS = ("gemm_bf16_gflops", "gemm_fp32_gflops", "mem_read_gbs")
+
+
+def check(record: dict, fields: dict, where: str):
+    for key, kind in fields.items():
+        assert key in record, f"{where}: {key} missing"
+        value = record[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else isinstance(value, kind)
+        assert ok, f"{where}.{key} = {value!r} is not {kind.__name__}"
+        if kind in (int, float):
+            assert value >= 0, f"{where}.{key} = {value} is negative"
+
+
+def test_smoke_benchmark_writes_every_field(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--smoke", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "real tok/s" in proc.stdout and "target speedup_vs_seed" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["smoke"] is True and len(r["date"]) == 10
+    assert {"cpu", "cores", "torch", "device", "compute_dtype"} <= set(r["machine"])
+    assert len(r["references"]) == 4  # before the first workload and after each of the three
+    for ref in r["references"]:
+        assert all(ref[k] > 0 for k in REFERENCE_FIELDS)
+    w = r["workloads"]
+    assert set(w) == {"project", "seed_recipe", "generation"}
+    for name in ("project", "seed_recipe"):
+        check(w[name], TRAINING_FIELDS, name)
+        assert w[name]["steps_timed"] == r["steps"] and w[name]["real_tokens"] > 0
+        assert 0 < w[name]["mfu"] and 0 < w[name]["eval_loss_answer_tokens"] < 20
+    # The seed recipe pads to max_length and checkpoints; the project trains on answers only.
+    assert w["seed_recipe"]["computed_positions"] >= w["project"]["computed_positions"]
+    assert w["seed_recipe"]["gradient_checkpointing"] is True
+    check(w["generation"], GENERATION_FIELDS, "generation")
+    assert w["generation"]["new_tokens"] > 1 and isinstance(w["generation"]["bnb_cpu_fast_kernel"], bool)
+    t = r["targets"]
+    assert set(t["values"]) == {"speedup_vs_seed", "eval_loss_project_minus_seed", "mfu", "peak_rss_mb",
+                                "decode_fraction_of_bound"}
+    assert set(t["met"]) == set(t["goals"]) and all(isinstance(v, bool) for v in t["met"].values())
+
