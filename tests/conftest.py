@@ -56,3 +56,14 @@ def tiny_config(tmp_path: Path, model: Path, rows=None, **training) -> Path:
                         data={"train_file": str(data), "validation_split": 0.25,
                               "system_prompt": SHORT_SYSTEM},
                         training=train)
+
+
+def trained_tiny(tmp_path: Path, model: Path, **training) -> Path:
+    """Train the tiny model (answers capped at 12 new tokens for fast chat tests); returns the config."""
+    import main
+    cfg = tiny_config(tmp_path, model, **training)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["generation"] = {"max_new_tokens": 12}
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main.main(["train", str(cfg)]) == 0
+    return cfg

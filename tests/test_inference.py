@@ -9,18 +9,12 @@ import yaml
 
 import main
 import utils
-from conftest import ROOT, tiny_config
+from conftest import ROOT, tiny_config, trained_tiny
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_model, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("chat")
-    cfg = tiny_config(tmp, tiny_model, max_steps=2, eval_steps=2)
-    raw = yaml.safe_load(cfg.read_text())
-    raw["generation"] = {"max_new_tokens": 12}
-    cfg.write_text(yaml.safe_dump(raw))
-    assert main.main(["train", str(cfg)]) == 0
-    return cfg
+    return trained_tiny(tmp_path_factory.mktemp("chat"), tiny_model, max_steps=2, eval_steps=2)
 
 
 def test_question_answers_once_with_the_disclaimer_and_writes_rows(trained, tmp_path, capsys):
