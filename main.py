@@ -16,6 +16,12 @@ import argparse
 import sys
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--qa", help=f"JSONL of instruction/response pairs (default: data/eval_qa.jsonl)")
     evaluate.add_argument("--harmful", help="JSONL of prompts to refuse (prompt or instruction; a row's label wins)")
     evaluate.add_argument("--benign", help="JSONL of prompts to answer (prompt or instruction; a row's label wins)")
-    evaluate.add_argument("--limit", type=int, help="use at most N rows of each set (a reproducible sample)")
+    evaluate.add_argument("--limit", type=positive_int, help="use at most N rows of each set (a reproducible sample)")
     evaluate.add_argument("--fail-on-regression", action="store_true",
                           help="exit 1 if the tuned model is less safe than the base or its validation loss is worse")
     export = sub.add_parser("export", help="merge the adapter into its base: safetensors or GGUF")

@@ -226,23 +226,15 @@ def training_flops(shape: dict, batches: list[dict]) -> float:
 
 
 def answer_loss(model, rows: list[dict], pad_id: int, dtype) -> float:
-    """Mean cross-entropy over the answer tokens of `rows` (rendered by utils.render_example),
+    """utils.answer_loss (mean cross-entropy over answer tokens) under the training compute dtype,
     one example at a time so it adds no memory peak of its own."""
     import torch
-    collate = utils.PadCollator(pad_id)
-    model.eval()
-    total, count = 0.0, 0
     device = next(model.parameters()).device
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        for row in rows:
-            batch = {k: v.to(device) for k, v in collate([row]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            total += torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().flatten(0, 1), labels.flatten(), reduction="sum").item()
-            count += int((labels != utils.IGNORE_INDEX).sum())
+    model.eval()
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = utils.answer_loss(model, rows, pad_id, batch_size=1)
     model.train()
-    return total / max(count, 1)
+    return loss
 
 
 def peak_rss_mb() -> float:

@@ -112,3 +112,10 @@ def test_probe_files_name_the_line_of_a_bad_row(tmp_path):
         utils.load_probes(path, "refuse")
     (first,) = utils.load_probes(write_jsonl(tmp_path / "q.jsonl", [{"instruction": "q", "label": "unsafe"}]), "answer")
     assert first.label == "refuse"
+
+
+def test_a_bad_limit_is_a_clear_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(["evaluate", "--limit", "0"])
+    assert exit_info.value.code == 2 and "'0' is not a whole number of 1 or more" in capsys.readouterr().err
+
