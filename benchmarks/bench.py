@@ -2,7 +2,7 @@
 
     make bench                                         # bundled SmolLM2, a few minutes on 2 cores
     .venv/bin/python benchmarks/bench.py --smoke       # tiny random model, seconds (what the tests run)
-    .venv/bin/python benchmarks/bench.py --only project --set training.gradient_checkpointing=false
+    .venv/bin/python benchmarks/bench.py --only project --set training.gradient_checkpointing=0.5
 
 Writes benchmarks/results.json and prints a table. This machine's speed swings about 2x from
 minute to minute, so the GEMM and memory-read rates are measured just before and after every
@@ -11,6 +11,7 @@ workload and each figure is also given as a ratio to them (MFU, fraction of the 
 Workloads, each in its own process so their peak RSS are separate:
   project      the project's own training path: utils.load_splits / build_datasets /
                load_base_model / attach_lora / build_trainer with config.yaml, timed by a callback
+  no_recompute the same with training.gradient_checkpointing: false (fastest, more memory)
   seed_recipe  the seed's recipe written plainly: every example padded to max_length, loss on the
                whole sequence, gradient checkpointing, kbit preparation, 4-bit base, HF Trainer;
                same model, examples, LoRA shape, batch and learning rate
@@ -267,11 +268,11 @@ def summarise(name: str, timer, log: list, accum: int, warmup: int, shape: dict,
 # Workloads (each runs in a child process)
 # ---------------------------------------------------------------------------------------------
 
-def workload_project(opts) -> dict:
+def workload_project(opts, name: str = "project", sets: tuple = ()) -> dict:
     """The project's own training path, stage by stage as utils.train runs it."""
     from transformers import set_seed
     out_dir = tempfile.mkdtemp(prefix="bench-project-")
-    cfg = bench_config(opts.model, out_dir, opts.warmup + opts.steps, opts.set)
+    cfg = bench_config(opts.model, out_dir, opts.warmup + opts.steps, [*opts.set, *sets])
     train_rows, val_rows, _ = utils.load_splits(cfg)
     set_seed(cfg.seed)
     hw = utils.pick_hardware(cfg.model.quantization)
@@ -294,10 +295,16 @@ def workload_project(opts) -> dict:
              "eval_loss_answer_tokens": round(answer_loss(model, val_ds[:opts.eval_examples],
                                                           tokenizer.pad_token_id, hw.dtype), 4),
              "batch_size": cfg.training.batch_size, "grad_accum": cfg.training.gradient_accumulation_steps,
-             "gradient_checkpointing": cfg.training.gradient_checkpointing,
+             "checkpointed_layers": utils.checkpointed_fraction(cfg.training.gradient_checkpointing),
              "compute_dtype": str(hw.dtype).replace("torch.", ""), "overrides": opts.set}
-    return summarise("project", timer, log, cfg.training.gradient_accumulation_steps, opts.warmup,
+    return summarise(name, timer, log, cfg.training.gradient_accumulation_steps, opts.warmup,
                      model_shape(model), extra)
+
+
+def workload_no_recompute(opts) -> dict:
+    """The project's path with training.gradient_checkpointing: false, the fastest setting, for
+    machines with memory to spare (the default recomputes every layer to stay under 2 GiB)."""
+    return workload_project(opts, "no_recompute", ("training.gradient_checkpointing=false",))
 
 
 def workload_seed_recipe(opts) -> dict:
@@ -355,7 +362,7 @@ def workload_seed_recipe(opts) -> dict:
              "eval_loss_answer_tokens": round(answer_loss(model, val_ds[:opts.eval_examples],
                                                           tokenizer.pad_token_id, hw.dtype), 4),
              "batch_size": t.batch_size, "grad_accum": t.gradient_accumulation_steps,
-             "gradient_checkpointing": True, "compute_dtype": str(hw.dtype).replace("torch.", "")}
+             "checkpointed_layers": 1.0, "compute_dtype": str(hw.dtype).replace("torch.", "")}
     return summarise("seed_recipe", timer, log, t.gradient_accumulation_steps, opts.warmup,
                      model_shape(model), extra)
 
@@ -420,7 +427,8 @@ def workload_generation(opts) -> dict:
             "peak_memory_mb": round(peak_rss_mb(), 1)}
 
 
-WORKLOADS = {"project": workload_project, "seed_recipe": workload_seed_recipe, "generation": workload_generation}
+WORKLOADS = {"project": workload_project, "no_recompute": workload_no_recompute, "seed_recipe": workload_seed_recipe,
+             "generation": workload_generation}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,13 +491,13 @@ def print_table(results: dict) -> None:
     w = results["workloads"]
     print(f"\n{results['machine']['cpu']}, {results['machine']['cores']} cores, torch "
           f"{results['machine']['torch']}, {results['machine']['device']}; model {results['model']}")
-    print(f"{'training':<13}{'real tok/s':>11}{'ex/s':>7}{'pad %':>7}{'MFU':>7}{'peak MB':>9}{'eval loss':>11}")
-    for name in ("seed_recipe", "project"):
+    print(f"{'training':<13}{'real tok/s':>11}{'ex/s':>7}{'pad %':>7}{'MFU':>7}{'peak MB':>9}{'eval loss':>11}{'recomputed':>12}")
+    for name in ("seed_recipe", "project", "no_recompute"):
         if name in w:
             r = w[name]
             print(f"{name:<13}{r['real_tokens_per_s']:>11.1f}{r['examples_per_s']:>7.2f}"
                   f"{100 * r['padding_fraction']:>7.1f}{100 * r['mfu']:>6.1f}%{r['peak_memory_mb']:>9.0f}"
-                  f"{r['eval_loss_answer_tokens']:>11.4f}")
+                  f"{r['eval_loss_answer_tokens']:>11.4f}{100 * r['checkpointed_layers']:>11.0f}%")
     if "generation" in w:
         g = w["generation"]
         print(f"generation:   TTFT {g['ttft_s']:.3f} s ({g['prompt_tokens']} prompt tokens); decode "

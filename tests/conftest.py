@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import utils  # noqa: E402
 from tiny import build_tiny_model  # noqa: E402
 
 SHORT_SYSTEM = "You are a careful medical assistant."
@@ -67,3 +68,42 @@ def trained_tiny(tmp_path: Path, model: Path, **training) -> Path:
     cfg.write_text(yaml.safe_dump(raw))
     assert main.main(["train", str(cfg)]) == 0
     return cfg
+
+
+def lean_and_plain(folder, dtype=None, dropout=0.0):
+    """The same model with the same LoRA weights twice, unquantized: as peft builds it, and through
+    utils.attach_lora (lean LoRA inputs, lean norms and MLPs). lora_B is made non-zero so the
+    adapters matter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    cfg = utils.config_from_dict({"model": {"name": str(folder)}, "lora": {"dropout": dropout}})
+    source = utils.resolve_model(str(folder))
+    hw = utils.Hardware("cpu", dtype or torch.float32, "none", "")
+    lean = utils.attach_lora(utils.load_base_model(source, hw), cfg)
+    targets = sorted(lean.peft_config["default"].target_modules)
+    plain = get_peft_model(utils.load_base_model(source, hw), LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in lean.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        plain.load_state_dict(lean.state_dict())
+    return lean, plain
+
+
+def loss_and_grads(model, batch, autocast: bool):
+    import torch
+    model.train()
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = utils.answer_token_loss(model, batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def tiny_batch(folder):
+    tokenizer, _ = utils.load_tokenizer(utils.resolve_model(str(folder)))
+    rows = [utils.render_example(tokenizer, [{"role": "user", "content": f"Is rest good for a cold {i}?"},
+                                             {"role": "assistant", "content": "Yes, rest and fluids. " * (i + 1)}],
+                                 "Be careful.", 256) for i in range(3)]
+    return utils.PadCollator(tokenizer.pad_token_id)(rows)

@@ -9,7 +9,7 @@ from conftest import ROOT
 TRAINING_FIELDS = {"steps_timed": int, "warmup_steps": int, "seconds": float, "examples": int, "real_tokens": int,
                    "computed_positions": int, "padding_fraction": float, "real_tokens_per_s": float,
                    "examples_per_s": float, "flops_per_real_token": int, "train_gflops": float, "mfu": float,
-                   "peak_memory_mb": float, "eval_loss_answer_tokens": float, "gradient_checkpointing": bool,
+                   "peak_memory_mb": float, "eval_loss_answer_tokens": float, "checkpointed_layers": float,
                    "compute_dtype": str, "reference": dict}
 GENERATION_FIELDS = {"prompt_tokens": int, "question_tokens": int, "new_tokens": int, "ttft_s": float,
                      "decode_tokens_per_s": float, "weight_bytes_per_token": int, "decode_bound_tokens_per_s": float,
@@ -36,18 +36,19 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
     r = json.loads(out.read_text())
     assert r["smoke"] is True and len(r["date"]) == 10
     assert {"cpu", "cores", "torch", "device", "compute_dtype"} <= set(r["machine"])
-    assert len(r["references"]) == 4  # before the first workload and after each of the three
+    assert len(r["references"]) == 5  # before the first workload and after each of the four
     for ref in r["references"]:
         assert all(ref[k] > 0 for k in REFERENCE_FIELDS)
     w = r["workloads"]
-    assert set(w) == {"project", "seed_recipe", "generation"}
-    for name in ("project", "seed_recipe"):
+    assert set(w) == {"project", "no_recompute", "seed_recipe", "generation"}
+    for name in ("project", "no_recompute", "seed_recipe"):
         check(w[name], TRAINING_FIELDS, name)
         assert w[name]["steps_timed"] == r["steps"] and w[name]["real_tokens"] > 0
         assert 0 < w[name]["mfu"] and 0 < w[name]["eval_loss_answer_tokens"] < 20
     # The seed recipe pads to max_length and checkpoints; the project trains on answers only.
     assert w["seed_recipe"]["computed_positions"] >= w["project"]["computed_positions"]
-    assert w["seed_recipe"]["gradient_checkpointing"] is True
+    assert w["seed_recipe"]["checkpointed_layers"] == 1.0 and w["project"]["checkpointed_layers"] == 1.0
+    assert w["no_recompute"]["checkpointed_layers"] == 0.0
     check(w["generation"], GENERATION_FIELDS, "generation")
     assert w["generation"]["new_tokens"] > 1 and isinstance(w["generation"]["bnb_cpu_fast_kernel"], bool)
     t = r["targets"]

@@ -41,6 +41,17 @@ def test_all_problems_reported_together(tmp_path):
         assert expected in text
 
 
+@pytest.mark.parametrize("value,ok", [(True, True), (False, True), (0.5, True), (0, True), (1.5, False), ("half", False)])
+def test_gradient_checkpointing_is_a_switch_or_a_fraction(tmp_path, value, ok):
+    path = write_config(tmp_path, training={"gradient_checkpointing": value})
+    if ok:
+        assert utils.load_config(path).training.gradient_checkpointing == value
+    else:
+        with pytest.raises(utils.ConfigError, match="training.gradient_checkpointing: .*fraction of layers|"
+                                                    "training.gradient_checkpointing: must be true or false or a number"):
+            utils.load_config(path)
+
+
 def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("training:\n  learning_rate: 2e-4\n")

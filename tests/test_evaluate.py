@@ -119,3 +119,21 @@ def test_a_bad_limit_is_a_clear_usage_error(capsys):
         main.main(["evaluate", "--limit", "0"])
     assert exit_info.value.code == 2 and "'0' is not a whole number of 1 or more" in capsys.readouterr().err
 
+
+
+def test_answer_loss_is_the_mean_cross_entropy_over_answer_tokens(tiny_model):
+    """answer_loss goes through the training loss (head on answer tokens only, chunked); it must
+    equal the plain mean over the full logits, whatever the batching."""
+    source = utils.resolve_model(str(tiny_model))
+    tokenizer, _ = utils.load_tokenizer(source)
+    model = utils.load_base_model(source, utils.pick_hardware("4bit"), training=False)
+    rows = [utils.render_example(tokenizer, [{"role": "user", "content": f"Is rest good for flu {i}?"},
+                                             {"role": "assistant", "content": "Yes, rest helps. " * (i + 1)}],
+                                 "Be careful.", 256) for i in range(5)]
+    batch = utils.PadCollator(tokenizer.pad_token_id)(rows)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                                 ignore_index=utils.IGNORE_INDEX).item()
+    for size in (1, 2, 5):
+        assert abs(utils.answer_loss(model, rows, tokenizer.pad_token_id, batch_size=size) - expected) < 1e-3

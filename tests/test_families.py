@@ -8,7 +8,7 @@ import yaml
 
 import main
 import utils
-from conftest import qa_rows, tiny_config
+from conftest import lean_and_plain, loss_and_grads, qa_rows, tiny_batch, tiny_config
 from tiny import FAMILIES, build_tiny_model
 
 
@@ -89,3 +89,24 @@ def test_unfused_names_are_translated_for_fused_models(tmp_path, capsys):
     assert utils.resolve_target_modules(model, "auto") == ["qkv_proj", "o_proj"]
     with pytest.raises(utils.ConfigError, match="c_attn not found in phi. Its linear modules are: down_proj, gate_up_proj, o_proj, qkv_proj"):
         utils.resolve_target_modules(model, ["c_attn"], "phi")
+
+
+# Lean layers each family gets: Llama-style RMSNorm (2 per layer + final) and gated-SiLU MLP
+# (Phi-3's fused gate_up included); Gemma 2 (1 + weight norm, GELU MLP) keeps its own modules.
+LEAN = {"smollm2": (5, 2), "llama3": (5, 2), "phi3": (5, 2), "qwen2": (5, 2), "gemma2": (0, 0)}
+
+
+def test_lean_layers_compute_what_the_family_computes(family):
+    import torch
+    name, folder = family
+    lean, plain = lean_and_plain(folder)
+    swapped = [m.forward.__func__.__name__ for m in lean.modules()
+               if getattr(getattr(m, "forward", None), "__func__", None) is not None
+               and m.forward.__func__.__name__ in ("norm_forward", "mlp_forward")]
+    assert (swapped.count("norm_forward"), swapped.count("mlp_forward")) == LEAN[name]
+    batch = tiny_batch(folder)
+    lean_loss, lean_grads = loss_and_grads(lean, batch, autocast=False)
+    plain_loss, plain_grads = loss_and_grads(plain, batch, autocast=False)
+    assert abs(lean_loss - plain_loss) < 1e-5
+    for key in plain_grads:
+        assert torch.allclose(lean_grads[key], plain_grads[key], rtol=1e-4, atol=1e-7), key

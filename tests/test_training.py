@@ -14,7 +14,7 @@ import yaml
 
 import main
 import utils
-from conftest import ROOT, SHORT_SYSTEM, qa_rows, tiny_config, write_jsonl
+from conftest import ROOT, SHORT_SYSTEM, lean_and_plain, loss_and_grads, qa_rows, tiny_batch, tiny_config, write_jsonl
 
 FINAL_FILES = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja", "config.yaml", "metrics.json", "loss.png"}
@@ -60,9 +60,9 @@ def test_loss_keeps_falling_across_checkpoint_saves(first_run):
     assert by_step[4] < by_step[3] and by_step[6] < by_step[4] and by_step[6] < by_step[1]
 
 
-def tiny_trainer(tiny_model, tmp_path, max_steps: int):
+def tiny_trainer(tiny_model, tmp_path, max_steps: int, **training):
     """The project's own trainer on the tiny model, built step by step as `utils.train` does."""
-    cfg = utils.load_config(tiny_config(tmp_path, tiny_model, max_steps=max_steps))
+    cfg = utils.load_config(tiny_config(tmp_path, tiny_model, max_steps=max_steps, **training))
     hw = utils.pick_hardware("4bit")
     source = utils.resolve_model(cfg.model.name)
     tokenizer, _ = utils.load_tokenizer(source)
@@ -260,3 +260,84 @@ def test_freed_memory_goes_back_to_the_system_after_each_step(tiny_model, tmp_pa
         assert "ReleaseFreedMemory" in names
     trainer.train()  # runs the callback after the step
 
+
+
+def test_lean_training_path_computes_what_peft_and_transformers_compute(tiny_model):
+    """The lean LoRA input, RMSNorm, gated MLP and chunked head (make bench: 1.5x faster steps, a
+    third less memory) are rewrites, not approximations: in float32 the loss and every LoRA gradient
+    equal those of peft's and transformers' own modules."""
+    lean, plain = lean_and_plain(tiny_model)
+    kinds = [type(m).__name__ for m in lean.modules() if getattr(getattr(m, "forward", None), "__func__", None)
+             is not None and m.forward.__func__.__name__ in ("norm_forward", "mlp_forward")]
+    assert kinds.count("LlamaRMSNorm") == 5 and kinds.count("LlamaMLP") == 2  # 2 layers x 2 norms + final
+    assert all(type(m.lora_dropout["default"]).__name__ == "LoraInput" for m in lean.modules() if hasattr(m, "lora_A"))
+    batch = tiny_batch(tiny_model)
+    lean_loss, lean_grads = loss_and_grads(lean, batch, autocast=False)
+    plain_loss, plain_grads = loss_and_grads(plain, batch, autocast=False)
+    assert abs(lean_loss - plain_loss) < 1e-5
+    assert lean_grads.keys() == plain_grads.keys() and len(lean_grads) == 16
+    for name in lean_grads:
+        assert torch.allclose(lean_grads[name], plain_grads[name], rtol=1e-4, atol=1e-7), name
+    # Under CPU bf16 autocast (the training dtype here): same loss to bf16 precision.
+    assert abs(loss_and_grads(lean, batch, True)[0] - loss_and_grads(plain, batch, True)[0]) < 2e-2
+
+
+def test_lean_lora_input_casts_when_no_autocast_will(tiny_model):
+    """A bf16 base with float32 adapters outside autocast (peft's own cast is off): the input is
+    cast to the adapter's dtype, as peft would, and the output comes back in the base dtype."""
+    lean, plain = lean_and_plain(tiny_model, dtype=torch.bfloat16)
+    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = lean(input_ids=x).logits, plain(input_ids=x).logits
+    assert a.dtype == b.dtype == torch.bfloat16 and torch.allclose(a.float(), b.float(), atol=2e-2)
+
+
+def test_lora_input_dropout_rate_scale_gradient_and_saved_mask():
+    drop = utils.lora_input(0.25, torch.float32).train()
+    x = torch.ones(64, 1000, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    assert saved and all(t.dtype == torch.bool for t in saved)  # a 1-byte mask, not a float copy
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+    torch.manual_seed(3)
+    first = drop(x)
+    torch.manual_seed(3)
+    assert torch.equal(first, drop(x))  # the trainer's seed makes it repeatable
+    assert torch.equal(drop.eval()(x), x) and torch.equal(utils.lora_input(0.0, torch.float32).train()(x), x)
+
+
+def test_head_cross_entropy_matches_the_plain_loss_and_gradient(monkeypatch):
+    monkeypatch.setattr(utils, "HEAD_CHUNK", 7)  # 20 rows: three slices, the last one short
+    torch.manual_seed(0)
+    weight, labels = torch.randn(300, 32), torch.randint(0, 300, (20,))
+    h = torch.randn(20, 32, requires_grad=True)
+    reference = torch.nn.functional.cross_entropy(h @ weight.T, labels, reduction="sum")
+    reference.backward()
+    expected, h.grad = h.grad.clone(), None
+    loss = utils.head_cross_entropy(h, weight, labels)
+    (0.5 * loss).backward()
+    assert torch.allclose(loss, reference, rtol=1e-5)
+    assert torch.allclose(h.grad, 0.5 * expected, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(utils.head_cross_entropy(h, weight, labels), reference, rtol=1e-5)
+
+
+def test_checkpointed_layers_spread_evenly():
+    assert utils.checkpointed_layers(30, 0.5) == list(range(0, 30, 2))
+    assert utils.checkpointed_layers(30, 1.0) == list(range(30))
+    assert utils.checkpointed_layers(30, 0.0) == [] and utils.checkpointed_layers(2, 0.5) == [0]
+    assert [utils.checkpointed_fraction(v) for v in (True, False, 0.25)] == [1.0, 0.0, 0.25]
+
+
+@pytest.mark.parametrize("setting,expected", [(0.5, [True, False]), (True, [True, True]), (False, [False, False])])
+def test_gradient_checkpointing_lands_on_the_chosen_layers(tiny_model, tmp_path, setting, expected):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    model, trainer = tiny_trainer(tiny_model, tmp_path, max_steps=1, gradient_checkpointing=setting)
+    trainer.train()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert [layer.gradient_checkpointing for layer in layers] == expected
