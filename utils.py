@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -947,10 +948,15 @@ def lora_input(p: float, dtype):
     element (four per 64-bit draw) and is saved as a bool. Measured on SmolLM2 (4 x 212 tokens,
     no checkpointing): a training step 2.89 -> 2.18 s; identical loss and gradients at dropout 0.
     The drop probability is p rounded to 1/65536."""
+    return _lora_input_class()(p, dtype)
+
+
+@functools.cache
+def _lora_input_class():
     import torch
 
     class LoraInput(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, p: float, dtype):
             super().__init__()
             self.threshold = round(p * 65536)
             self.p, self.dtype = self.threshold / 65536, dtype
@@ -970,7 +976,7 @@ def lora_input(p: float, dtype):
         def extra_repr(self):
             return f"p={self.p}, dtype={self.dtype}"
 
-    return LoraInput()
+    return LoraInput
 
 
 # Layer classes whose forward is Llama's RMSNorm / gated-SiLU MLP (transformers copies them).
@@ -1221,10 +1227,15 @@ def answer_token_loss(model, inputs: dict, num_items_in_batch=None):
     divided by the answer tokens of the whole accumulated batch (the Trainer's num_items_in_batch)."""
     import torch
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=inputs["input_ids"],
-                                attention_mask=inputs.get("attention_mask")).last_hidden_state
     labels = inputs["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
+    denominator = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+    if scales_logits(base.config):  # the model's own forward applies the scale: full logits
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep],
+                                                 reduction="sum") / denominator
+    hidden = base.get_decoder()(input_ids=inputs["input_ids"],
+                                attention_mask=inputs.get("attention_mask")).last_hidden_state
     head = base.get_output_embeddings()
     cap = getattr(base.config, "final_logit_softcapping", None)  # Gemma 2
     if cap or head.weight.requires_grad or getattr(head, "bias", None) is not None:
@@ -1234,7 +1245,7 @@ def answer_token_loss(model, inputs: dict, num_items_in_batch=None):
         loss = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
     else:
         loss = head_cross_entropy(hidden[:, :-1][keep], head.weight, labels[keep])
-    return loss / (num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1))
+    return loss / denominator
 
 
 HEAD_CHUNK = 512  # answer tokens per slice of logits: 512 x 49k float32 = 100 MB for SmolLM2
@@ -1247,6 +1258,11 @@ def head_cross_entropy(hidden, weight, labels):
     the plain path keeps logits, their float32 copy, log-softmax and its gradient, about 18 bytes
     x 49k per answer token (1.3 GB for a batch with 1,500 answer tokens). Same arithmetic as the
     plain path: logits in the compute dtype, softmax in float32."""
+    return _head_cross_entropy()(hidden, weight, labels)
+
+
+@functools.cache
+def _head_cross_entropy():
     import torch
 
     class HeadCrossEntropy(torch.autograd.Function):
@@ -1274,12 +1290,12 @@ def head_cross_entropy(hidden, weight, labels):
             (grad,) = ctx.saved_tensors
             return (grad * grad_total).to(ctx.input_dtype), None, None
 
-    return HeadCrossEntropy.apply(hidden, weight, labels)
+    return HeadCrossEntropy.apply
 
 
 def scales_logits(config) -> bool:
-    """Families whose forward multiplies the logits (Cohere, Granite): answer_token_loss, which
-    applies the LM head itself, would miss it, so they keep the model's own loss."""
+    """Families whose forward multiplies the logits (Cohere, Granite): applying the LM head
+    directly would miss the scale, so answer_token_loss takes their logits from the model."""
     return bool(getattr(config, "logit_scale", None) or getattr(config, "logits_scaling", None))
 
 
@@ -1288,12 +1304,10 @@ def _answer_loss_trainer():
 
     class AnswerLossTrainer(Trainer):
         """The Trainer with answer_token_loss. A model wrapped for several processes (DDP) must be
-        called through its wrapper to sync gradients, and a few families scale their logits
-        (Cohere, Granite): those keep the model's own loss."""
+        called through its wrapper to sync gradients: it keeps the model's own loss."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if (model is not self.accelerator.unwrap_model(model) or "labels" not in inputs
-                    or scales_logits(getattr(model, "config", None))):
+            if model is not self.accelerator.unwrap_model(model) or "labels" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss = answer_token_loss(model, inputs, num_items_in_batch)
             return (loss, {"loss": loss}) if return_outputs else loss
@@ -1306,8 +1320,9 @@ def build_trainer(cfg: Config, hw: Hardware, model, tokenizer, train_rows, val_r
     has_eval = bool(val_rows)
     eval_steps = min(cfg.training.eval_steps, cfg.training.max_steps)
     callbacks = [cb for cb in (_stop_flag_callback(flag), _release_memory_callback()) if cb is not None]
-    if 0 < checkpointed_fraction(cfg.training.gradient_checkpointing) < 1:
-        callbacks.append(_partial_checkpointing_callback(checkpointed_fraction(cfg.training.gradient_checkpointing)))
+    recomputed = checkpointed_fraction(cfg.training.gradient_checkpointing)
+    if 0 < recomputed < 1:
+        callbacks.append(_partial_checkpointing_callback(recomputed))
     if has_eval and cfg.training.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
     return _answer_loss_trainer()(
@@ -2395,13 +2410,7 @@ def answer_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> float 
         for i in range(0, len(rows), batch_size):
             batch = {k: v.to(model.device) for k, v in collate(rows[i:i + batch_size]).items()}
             labels = batch["labels"][:, 1:]
-            if scales_logits(getattr(model, "config", None)):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                total += torch.nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                    reduction="sum").item()
-            else:  # the training loss itself, summed: no (batch x length x vocabulary) logits
-                total += answer_token_loss(model, batch, num_items_in_batch=1).item()
+            total += answer_token_loss(model, batch, num_items_in_batch=1).item()  # summed
             count += int((labels != IGNORE_INDEX).sum())
     return total / max(count, 1)
 

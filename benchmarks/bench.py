@@ -296,7 +296,7 @@ def workload_project(opts, name: str = "project", sets: tuple = ()) -> dict:
                                                           tokenizer.pad_token_id, hw.dtype), 4),
              "batch_size": cfg.training.batch_size, "grad_accum": cfg.training.gradient_accumulation_steps,
              "checkpointed_layers": utils.checkpointed_fraction(cfg.training.gradient_checkpointing),
-             "compute_dtype": str(hw.dtype).replace("torch.", ""), "overrides": opts.set}
+             "compute_dtype": str(hw.dtype).replace("torch.", ""), "overrides": [*opts.set, *sets]}
     return summarise(name, timer, log, cfg.training.gradient_accumulation_steps, opts.warmup,
                      model_shape(model), extra)
 

@@ -341,3 +341,18 @@ def test_gradient_checkpointing_lands_on_the_chosen_layers(tiny_model, tmp_path,
     trainer.train()
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert [layer.gradient_checkpointing for layer in layers] == expected
+
+
+def test_answer_token_loss_keeps_the_logit_scale_of_granite_like_families(tiny_model):
+    """Granite divides its logits by logits_scaling in its own forward; answer_token_loss must
+    take that family's logits from the model, not apply the LM head itself."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+    torch.manual_seed(0)
+    batch = tiny_batch(tiny_model)
+    vocab = int(batch["input_ids"].max()) + 1
+    model = GraniteForCausalLM(GraniteConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2, logits_scaling=4.0))
+    assert utils.scales_logits(model.config)
+    with torch.no_grad():
+        own = model(**batch).loss.item()
+        assert abs(utils.answer_token_loss(model, batch).item() - own) < 1e-4
