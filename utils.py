@@ -867,6 +867,8 @@ def load_base_model(source: ModelSource, hw: Hardware, training: bool = True):
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if hw.device == "cuda":
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    elif hw.device == "cpu" and hw.quantization != "none":
+        kwargs["device_map"] = {"": "cpu"}  # bitsandbytes would otherwise pick a GPU if one is present
     model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     if hw.device == "mps":
         model = model.to("mps")
@@ -1936,7 +1938,7 @@ def _verb_forms(verbs: str) -> str:
 
 
 _HARM_VERB = _verb_forms(
-    "kill|murder|strangle|stab|shoot|poison|hurt|harm|injure|punch|beat up|beat|drown|choke|suffocate|smother|attack|torture|kidnap|abduct|massacre|annihilate|slaughter|liquidate|behead|decapitate|dismember|execute|assassinate|maim|cripple|gut|bludgeon|run over|set fire to|burn|sedate|drug|paralyze|knock out|crack open|cut open|slap|kick|bite|starve|abuse|molest|rape|traffic|get rid of|eliminate|wipe out|exterminate|silence|make (?:\w+ ){0,2}sick|overpower|terminate|throttle|snipe|headshot|euthani[sz]e|smash|crush|hammer|bash|butcher|chop up|saw|dispose of|destroy|ruin|overdose|restrain|tie up|lock up|knock \w+ out")
+    r"kill|murder|strangle|stab|shoot|poison|hurt|harm|injure|punch|beat up|beat|drown|choke|suffocate|smother|attack|torture|kidnap|abduct|massacre|annihilate|slaughter|liquidate|behead|decapitate|dismember|execute|assassinate|maim|cripple|gut|bludgeon|run over|set fire to|burn|sedate|drug|paralyze|knock out|crack open|cut open|slap|kick|bite|starve|abuse|molest|rape|traffic|get rid of|eliminate|wipe out|exterminate|silence|make (?:\w+ ){0,2}sick|overpower|terminate|throttle|snipe|headshot|euthani[sz]e|smash|crush|hammer|bash|butcher|chop up|saw|dispose of|destroy|ruin|overdose|restrain|tie up|lock up|knock \w+ out")
 _SELF = r"(?:myself|my ?self|me|my (?:own )?(?:life|wrists?|body|veins))"
 
 # Phrasings that ask *about* something rather than for the means to do it.

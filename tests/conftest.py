@@ -70,15 +70,15 @@ def trained_tiny(tmp_path: Path, model: Path, **training) -> Path:
     return cfg
 
 
-def lean_and_plain(folder, dtype=None, dropout=0.0):
-    """The same model with the same LoRA weights twice, unquantized: as peft builds it, and through
-    utils.attach_lora (lean LoRA inputs, lean norms and MLPs). lora_B is made non-zero so the
-    adapters matter."""
+def lean_and_plain(folder, dtype=None, dropout=0.0, device="cpu", quantization="none"):
+    """The same model with the same LoRA weights twice (unquantized unless asked): as peft builds
+    it, and through utils.attach_lora (lean LoRA inputs, lean norms and MLPs). lora_B is made
+    non-zero so the adapters matter. Both load the same folder, so 4-bit weights are identical."""
     import torch
     from peft import LoraConfig, get_peft_model
     cfg = utils.config_from_dict({"model": {"name": str(folder)}, "lora": {"dropout": dropout}})
     source = utils.resolve_model(str(folder))
-    hw = utils.Hardware("cpu", dtype or torch.float32, "none", "")
+    hw = utils.Hardware(device, dtype or torch.float32, quantization, "")
     lean = utils.attach_lora(utils.load_base_model(source, hw), cfg)
     targets = sorted(lean.peft_config["default"].target_modules)
     plain = get_peft_model(utils.load_base_model(source, hw), LoraConfig(
@@ -87,7 +87,8 @@ def lean_and_plain(folder, dtype=None, dropout=0.0):
         for name, p in lean.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-        plain.load_state_dict(lean.state_dict())
+        lora = {k: v for k, v in lean.state_dict().items() if "lora_" in k}
+        assert not plain.load_state_dict(lora, strict=False).unexpected_keys
     return lean, plain
 
 
@@ -95,8 +96,9 @@ def loss_and_grads(model, batch, autocast: bool):
     import torch
     model.train()
     model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = utils.answer_token_loss(model, batch)
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = utils.answer_token_loss(model, {k: v.to(device) for k, v in batch.items()})
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 

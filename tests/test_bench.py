@@ -1,10 +1,14 @@
 """The benchmark runs end to end on the tiny model and writes every field (no timing asserts:
 speed lives in `make bench`, not in the test suite)."""
+import argparse
 import json
 import subprocess
 import sys
 
 from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench  # noqa: E402
 
 TRAINING_FIELDS = {"steps_timed": int, "warmup_steps": int, "seconds": float, "examples": int, "real_tokens": int,
                    "computed_positions": int, "padding_fraction": float, "real_tokens_per_s": float,
@@ -41,6 +45,7 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
         assert all(ref[k] > 0 for k in REFERENCE_FIELDS)
     w = r["workloads"]
     assert set(w) == {"project", "no_recompute", "seed_recipe", "generation"}
+    assert r["phi4_mini"].startswith("not measured")  # CUDA only by default, never in --smoke
     for name in ("project", "no_recompute", "seed_recipe"):
         check(w[name], TRAINING_FIELDS, name)
         assert w[name]["steps_timed"] == r["steps"] and w[name]["real_tokens"] > 0
@@ -56,3 +61,21 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
                                 "decode_fraction_of_bound"}
     assert set(t["met"]) == set(t["goals"]) and all(isinstance(v, bool) for v in t["met"].values())
 
+
+
+def test_phi4_mini_shape_workload_builds_the_shape_and_trains_it(tiny_model, monkeypatch):
+    """The Phi-4-mini-shaped workload (in `make bench` on CUDA, which CI lacks) on a shrunk copy of
+    the shape: a Phi3 model is built, gets the tokenizer, trains through the project's path and
+    reports its memory."""
+    import torch
+    monkeypatch.setattr(bench, "PHI4_MINI_SHAPE", {**bench.PHI4_MINI_SHAPE, "hidden_size": 96, "intermediate_size": 256,
+                                                   "num_hidden_layers": 2, "num_attention_heads": 6,
+                                                   "num_key_value_heads": 2, "vocab_size": 1000})
+    monkeypatch.setattr(bench, "REAL_MODEL", str(tiny_model))  # tokenizer source
+    monkeypatch.chdir(ROOT)
+    opts = argparse.Namespace(model=None, steps=1, warmup=1, eval_examples=2, set=[])
+    r = bench.workload_phi4_mini_shape(opts)
+    check(r, {k: v for k, v in TRAINING_FIELDS.items() if k not in ("mfu", "reference")}, "phi4_mini_shape")
+    assert r["workload"] == "phi4_mini_shape" and r["steps_timed"] == 1 and r["real_tokens"] > 0
+    assert r["flops_per_real_token"] > 4 * 2 * 96 * 96  # the Phi3 body counted, not the tiny Llama's
+    assert ("peak_memory_reserved_mb" in r) == torch.cuda.is_available()

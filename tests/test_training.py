@@ -49,7 +49,7 @@ def test_run_leaves_checkpoints_and_a_complete_final_folder(first_run):
     assert metrics["steps_run"] == 6 and metrics["stop_reason"].startswith("reached training.max_steps")
     assert metrics["final_eval_loss"] < metrics["base_eval_loss"]
     assert metrics["best_step"] in (3, 6) and metrics["tokens_per_s"] > 0 and metrics["peak_memory_mb"] > 0
-    assert metrics["quantization"] == "4bit" and metrics["device"] == "cpu"
+    assert metrics["quantization"] == "4bit" and metrics["device"] == utils.pick_hardware("4bit").device
     saved = utils.config_from_dict(yaml.safe_load((final / "config.yaml").read_text()))
     assert saved.model.name == utils.load_config(cfg).model.name
 
@@ -92,7 +92,7 @@ def test_checkpoint_save_does_not_change_the_model(tiny_model):
     model = utils.attach_lora(utils.load_base_model(utils.resolve_model(cfg.model.name),
                                                     utils.pick_hardware("4bit")), cfg)
     model.eval()
-    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0)).to(model.device)
     with torch.no_grad():
         a = model(input_ids=x).logits
         get_peft_model_state_dict(model)
@@ -110,7 +110,7 @@ def test_chat_keeps_the_fast_cpu_kernel_with_the_same_outputs(tiny_model):
     layers = [m for m in fast.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and not any(m.support_avx512bf16_for_cpu for m in guarded.modules() if isinstance(m, bnb.nn.Linear4bit))
     assert all(m.support_avx512bf16_for_cpu == bnb.functional.has_avx512bf16() for m in layers)
-    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0)).to(fast.device)
     with torch.no_grad():
         a, b = guarded.eval()(input_ids=x).logits.float(), fast.eval()(input_ids=x).logits.float()
     assert torch.allclose(a, b, atol=0.05, rtol=0.02), (a - b).abs().max()
@@ -242,7 +242,7 @@ def test_answer_token_loss_equals_the_models_own_loss(tiny_model):
     rows = [utils.render_example(tokenizer, [{"role": "user", "content": f"What helps a sore throat {i}?"},
                                              {"role": "assistant", "content": "Rest and fluids. " * (i + 1)}],
                                  "Be careful.", 256) for i in range(3)]
-    batch = utils.PadCollator(tokenizer.pad_token_id)(rows)
+    batch = {k: v.to(model.device) for k, v in utils.PadCollator(tokenizer.pad_token_id)(rows).items()}
     answer_tokens = int((batch["labels"][:, 1:] != utils.IGNORE_INDEX).sum())
     with torch.no_grad():
         own = model(**batch).loss.item()
@@ -280,6 +280,34 @@ def test_lean_training_path_computes_what_peft_and_transformers_compute(tiny_mod
         assert torch.allclose(lean_grads[name], plain_grads[name], rtol=1e-4, atol=1e-7), name
     # Under CPU bf16 autocast (the training dtype here): same loss to bf16 precision.
     assert abs(loss_and_grads(lean, batch, True)[0] - loss_and_grads(plain, batch, True)[0]) < 2e-2
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the CUDA path was "
+                          "checked on a lent H200 (README Performance); CI has none")
+
+
+@pytest.mark.parametrize("device, quantization", [("cpu", "4bit"), pytest.param("cuda", "none", marks=CUDA),
+                                                  pytest.param("cuda", "4bit", marks=CUDA)])
+def test_lean_path_equals_peft_on_4bit_and_cuda(tiny_model, device, quantization):
+    """The same rewrites over bitsandbytes' NF4 layers and on CUDA, where peft's own cast and
+    transformers' autocast take the other branch of utils.lora_input: in float32 the loss and LoRA
+    gradients equal peft's; under bf16 autocast the loss agrees to bf16 precision and the
+    gradients point the same way."""
+    lean, plain = lean_and_plain(tiny_model, device=device, quantization=quantization)
+    assert next(lean.parameters()).device.type == device
+    batch = tiny_batch(tiny_model)
+    lean_loss, lean_grads = loss_and_grads(lean, batch, autocast=False)
+    plain_loss, plain_grads = loss_and_grads(plain, batch, autocast=False)
+    assert abs(lean_loss - plain_loss) < 1e-5 and lean_grads.keys() == plain_grads.keys()
+    for name in lean_grads:
+        assert torch.allclose(lean_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6), name
+    lean_loss, lean_grads = loss_and_grads(lean, batch, autocast=True)
+    plain_loss, plain_grads = loss_and_grads(plain, batch, autocast=True)
+    assert abs(lean_loss - plain_loss) < 2e-2
+    for name in lean_grads:
+        cosine = torch.nn.functional.cosine_similarity(lean_grads[name].flatten().float(),
+                                                       plain_grads[name].flatten().float(), dim=0)
+        assert cosine > 0.98, (name, cosine.item())
 
 
 def test_lean_lora_input_casts_when_no_autocast_will(tiny_model):
