@@ -333,10 +333,33 @@ def test_lora_input_dropout_rate_scale_gradient_and_saved_mask():
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())
     torch.manual_seed(3)
-    first = drop(x)
+    first = drop(torch.ones(64, 1000))
     torch.manual_seed(3)
-    assert torch.equal(first, drop(x))  # the trainer's seed makes it repeatable
+    assert torch.equal(first, drop(torch.ones(64, 1000)))  # the trainer's seed makes it repeatable
     assert torch.equal(drop.eval()(x), x) and torch.equal(utils.lora_input(0.0, torch.float32).train()(x), x)
+
+
+def test_adapters_reading_the_same_input_share_one_dropout(tiny_model):
+    """q, k and v read the same hidden state and get the same dropped-out copy (one mask drawn and
+    kept, as peft does for a fused qkv_proj); o_proj reads another tensor and gets its own; a
+    changed input gets a fresh mask."""
+    lean, _ = lean_and_plain(tiny_model, dropout=0.25)
+    seen = {}
+    for name, module in lean.named_modules():
+        if type(module).__name__ == "LoraInput" and ".layers.0." in name:
+            module.register_forward_hook(lambda m, args, out, name=name: [seen.setdefault(name.split(".")[-3], (args[0], out))] and None)
+    lean.train()
+    utils.answer_token_loss(lean, tiny_batch(tiny_model)).backward()
+    assert set(seen) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    (x, q), (_, k), (_, v), (_, o) = (seen[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert q is k is v and o is not q
+    assert 0.15 < (q[x != 0] == 0).float().mean().item() < 0.35  # dropout really applied
+    a, b = utils.lora_input(0.25, torch.float32).train(), utils.lora_input(0.25, torch.float32).train()
+    x = torch.ones(8, 1000)
+    first = a(x)
+    assert b(x) is first
+    x.mul_(2)  # in place: a new version, so a new mask
+    assert not torch.equal(b(x), 2 * first)
 
 
 def test_head_cross_entropy_matches_the_plain_loss_and_gradient(monkeypatch):
