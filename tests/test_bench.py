@@ -8,6 +8,7 @@ import sys
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import ab  # noqa: E402
 import bench  # noqa: E402
 
 TRAINING_FIELDS = {"steps_timed": int, "warmup_steps": int, "seconds": float, "examples": int, "real_tokens": int,
@@ -79,3 +80,17 @@ def test_phi4_mini_shape_workload_builds_the_shape_and_trains_it(tiny_model, mon
     assert r["workload"] == "phi4_mini_shape" and r["steps_timed"] == 1 and r["real_tokens"] > 0
     assert r["flops_per_real_token"] > 4 * 2 * 96 * 96  # the Phi3 body counted, not the tiny Llama's
     assert ("peak_memory_reserved_mb" in r) == torch.cuda.is_available()
+
+
+def test_ab_harness_compares_every_variant_and_the_lean_path_keeps_less():
+    """benchmarks/ab.py on the tiny model: one row per variant, and the bytes kept for backward
+    (deterministic, unlike the times) are lowest for the project's path and highest for plain."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--smoke"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
+            if line.split() and line.split()[0] in ab.VARIANTS}
+    assert set(rows) == set(ab.VARIANTS)
+    kept = {name: float(row[3]) for name, row in rows.items()}
+    assert kept["project"] == min(kept.values()) and kept["plain"] == max(kept.values())
+    assert kept["project"] < kept["no_shared_mask"]  # q, k and v share one mask
