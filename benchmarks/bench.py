@@ -451,7 +451,8 @@ def workload_phi4_mini_shape(opts) -> dict:
     """Peak training memory of the project's path on a model shaped exactly like
     Phi-4-mini-instruct, which cannot be downloaded here: random weights (memory and speed do not
     depend on their values), the bundled SmolLM2 tokenizer (its ids fit the 200k vocabulary;
-    Phi-4's own tokenizer makes English text ~10% shorter, so this errs on the high side). In the
+    Phi-4's own, four times larger vocabulary should split English into no more tokens, so this
+    errs on the high side; not measured: that tokenizer is not here either). In the
     default list on CUDA only: a 3.8B step takes minutes on a laptop CPU (`--only` runs it anywhere)."""
     import shutil
     import torch
@@ -611,7 +612,7 @@ def main(argv=None) -> int:
         results["workloads"][name] = add_ratios(data, mean_reference(*results["references"][-2:]))
     if "phi4_mini_shape" not in names:
         results["phi4_mini"] = ("not measured: Phi-4-mini-instruct cannot be downloaded here, and its shape-alike "
-                                "(random weights) runs on CUDA only")
+                                "(random weights) is in the default list on CUDA only (--only phi4_mini_shape runs it)")
     results["targets"] = targets(results)
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(results, indent=2))
