@@ -125,10 +125,10 @@ class LoraSection:
 
 @dataclass
 class TrainingSection:
-    batch_size: int = 4
+    batch_size: int = 2
     max_steps: int = 100
     learning_rate: float = 2e-4
-    gradient_accumulation_steps: int = 2
+    gradient_accumulation_steps: int = 4
     early_stopping_patience: int = 3
     eval_steps: int = 20
     warmup_ratio: float = 0.05
@@ -137,7 +137,7 @@ class TrainingSection:
     max_grad_norm: float = 1.0
     logging_steps: int = 5
     save_total_limit: int = 2
-    gradient_checkpointing: typing.Union[bool, float] = True
+    gradient_checkpointing: typing.Union[bool, float] = False
     report_to: str = "none"
 
 

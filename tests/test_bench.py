@@ -45,16 +45,17 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
     for ref in r["references"]:
         assert all(ref[k] > 0 for k in REFERENCE_FIELDS)
     w = r["workloads"]
-    assert set(w) == {"project", "no_recompute", "seed_recipe", "generation"}
+    assert set(w) == {"project", "recompute_all", "seed_recipe", "generation"}
     assert r["phi4_mini"].startswith("not measured")  # CUDA only by default, never in --smoke
-    for name in ("project", "no_recompute", "seed_recipe"):
+    for name in ("project", "recompute_all", "seed_recipe"):
         check(w[name], TRAINING_FIELDS, name)
         assert w[name]["steps_timed"] == r["steps"] and w[name]["real_tokens"] > 0
         assert 0 < w[name]["mfu"] and 0 < w[name]["eval_loss_answer_tokens"] < 20
-    # The seed recipe pads to max_length and checkpoints; the project trains on answers only.
+    # The seed recipe pads to max_length and checkpoints; the project trains on answers only and,
+    # as config.yaml ships, recomputes nothing.
     assert w["seed_recipe"]["computed_positions"] >= w["project"]["computed_positions"]
-    assert w["seed_recipe"]["checkpointed_layers"] == 1.0 and w["project"]["checkpointed_layers"] == 1.0
-    assert w["no_recompute"]["checkpointed_layers"] == 0.0
+    assert w["seed_recipe"]["checkpointed_layers"] == 1.0 and w["recompute_all"]["checkpointed_layers"] == 1.0
+    assert w["project"]["checkpointed_layers"] == 0.0
     check(w["generation"], GENERATION_FIELDS, "generation")
     assert w["generation"]["new_tokens"] > 1 and isinstance(w["generation"]["bnb_cpu_fast_kernel"], bool)
     t = r["targets"]
@@ -78,6 +79,8 @@ def test_phi4_mini_shape_workload_builds_the_shape_and_trains_it(tiny_model, mon
     r = bench.workload_phi4_mini_shape(opts)
     check(r, {k: v for k, v in TRAINING_FIELDS.items() if k not in ("mfu", "reference")}, "phi4_mini_shape")
     assert r["workload"] == "phi4_mini_shape" and r["steps_timed"] == 1 and r["real_tokens"] > 0
+    # measured as configs/phi4-mini.yaml trains: every layer recomputed, at the batch its figures quote
+    assert (r["checkpointed_layers"], r["batch_size"], r["grad_accum"]) == (1.0, 4, 2)
     assert r["flops_per_real_token"] > 4 * 2 * 96 * 96  # the Phi3 body counted, not the tiny Llama's
     assert ("peak_memory_reserved_mb" in r) == torch.cuda.is_available()
 
