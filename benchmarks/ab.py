@@ -59,7 +59,8 @@ def switched_off(parts: set):
 
 
 def build(source, hw, cfg, parts: set):
-    with switched_off(parts):
+    # the head is picked at call time (step), not when the model is built
+    with switched_off(parts - {"head"}):
         model = utils.attach_lora(utils.load_base_model(source, hw), cfg)
     model.train()
     return model
