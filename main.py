@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     inference.add_argument("--base", action="store_true", help="talk to the untuned base model, for comparison")
     inference.add_argument("--question", help="answer this one question and exit")
     inference.add_argument("--output", help="append {question, answer, ...} JSON lines to this file")
+    inference.add_argument("--gguf", nargs="?", const="", metavar="FILE",
+                           help="chat on llama.cpp (pip install llama-cpp-python): this .gguf file, or without FILE "
+                                "the adapter's `export --format gguf` (model-q8_0.gguf; with --base the bundled GGUF)")
     evaluate = sub.add_parser("evaluate", help="compare the trained adapter with its base model")
     evaluate.add_argument("--adapter", help="a final model folder or checkpoint-N (default: the newest final model)")
     evaluate.add_argument("--qa", help=f"JSONL of instruction/response pairs (default: data/eval_qa.jsonl)")
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                                   benign=args.benign, limit=args.limit, fail_on_regression=args.fail_on_regression)
         if args.command == "export":
             return utils.export(cfg, adapter=args.adapter, fmt=args.format, out=args.out)
-        return utils.chat(cfg, adapter=args.adapter, base=args.base, question=args.question, output=args.output)
+        return utils.chat(cfg, adapter=args.adapter, base=args.base, question=args.question, output=args.output,
+                          gguf=args.gguf)
     except utils.UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

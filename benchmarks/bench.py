@@ -18,6 +18,8 @@ Workloads, each in its own process so their peak RSS are separate:
                same model, examples, LoRA shape, batch and learning rate
   generation   utils.load_chat_model(base=True): time to first token for a 100-token question and
                decode tokens/s over 128 new tokens with the KV cache
+  generation_gguf  the same on llama.cpp (`inference --gguf`): F16 and Q8_0 files of the same base
+               (utils.write_gguf) and the bundled Q4_1; skipped when llama-cpp-python is missing
   phi4_mini_shape  (CUDA only) the project workload on random weights shaped like
                Phi-4-mini-instruct (3.8B), for its peak GPU memory: the model cannot be downloaded here
 Both training workloads are then scored by the same function: mean loss on the answer tokens of
@@ -52,7 +54,8 @@ EVAL_EXAMPLES = 16        # validation examples scored after training (same ones
 QUESTION_TOKENS = 100     # length of the generation prompt's question, before the chat template
 NEW_TOKENS = 128          # decode length
 # Targets of issue 7 on this machine (ratios, so they hold on a noisy host).
-TARGETS = {"speedup_vs_seed": 5.0, "mfu": 0.40, "peak_rss_mb": 2048.0, "decode_fraction_of_bound": 0.50}
+TARGETS = {"speedup_vs_seed": 5.0, "mfu": 0.40, "peak_rss_mb": 2048.0, "decode_fraction_of_bound": 0.50,
+           "decode_fraction_of_bound_gguf_q8_0": 0.50}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,17 +404,22 @@ def weight_bytes_per_token(model) -> int:
     return total
 
 
-def workload_generation(opts) -> dict:
-    """The project's chat model (utils.load_chat_model, untuned base), greedy, KV cache on."""
-    import torch
-    cfg = bench_config(opts.model, tempfile.mkdtemp(prefix="bench-gen-"), 1, opts.set)
-    model, tokenizer, run_cfg, _ = utils.load_chat_model(cfg, base=True)
+def question_prompt(tokenizer, system_prompt: str) -> tuple[str, int]:
+    """The chat prompt of a QUESTION_TOKENS-long question, and the question's length."""
     words = ("I am 54 and was told my blood pressure is a bit high at my last check-up. I take no "
              "medicines, I walk most days and I try to eat less salt. What else can I do to bring it "
              "down, how often should I check it at home, and when should I go back to my doctor? ")
     ids = tokenizer((words * 8), add_special_tokens=False)["input_ids"][:QUESTION_TOKENS]
     question = tokenizer.decode(ids)
-    prompt = utils.render_prompt(tokenizer, [{"role": "user", "content": question}], run_cfg.data.system_prompt)
+    return utils.render_prompt(tokenizer, [{"role": "user", "content": question}], system_prompt), len(ids)
+
+
+def workload_generation(opts) -> dict:
+    """The project's chat model (utils.load_chat_model, untuned base), greedy, KV cache on."""
+    import torch
+    cfg = bench_config(opts.model, tempfile.mkdtemp(prefix="bench-gen-"), 1, opts.set)
+    model, tokenizer, run_cfg, _ = utils.load_chat_model(cfg, base=True)
+    prompt, question_tokens = question_prompt(tokenizer, run_cfg.data.system_prompt)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     kwargs = dict(do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id)
 
@@ -432,11 +440,65 @@ def workload_generation(opts) -> dict:
     # chat keeps bitsandbytes' repacked AVX-512 BF16 CPU kernel (training turns it off: PITFALLS)
     fast_kernel = any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
     return {"workload": "generation", "bnb_cpu_fast_kernel": fast_kernel, "prompt_tokens": int(inputs["input_ids"].shape[1]),
-            "question_tokens": len(ids), "new_tokens": new, "ttft_s": round(ttft, 3),
+            "question_tokens": question_tokens, "new_tokens": new, "ttft_s": round(ttft, 3),
             "decode_tokens_per_s": round((new - 1) / max(full - ttft, 1e-9), 1),
             "weight_bytes_per_token": bytes_per_token, "weight_format": f"{utils.pick_hardware(cfg.model.quantization).quantization} base, "
             f"LM head {str(model.get_output_embeddings().weight.dtype).replace('torch.', '')}",
             "peak_memory_mb": round(peak_rss_mb(), 1)}
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """Bytes of a GGUF's tensors one decode step reads: all of them, except the token embedding
+    when a separate output matrix exists (then it is one row per token)."""
+    import gguf
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    if "output.weight" in tensors:
+        tensors.pop("token_embd.weight", None)
+    return sum(tensors.values())
+
+
+def workload_generation_gguf(opts) -> dict:
+    """The same question on llama.cpp, as `inference --gguf` runs it: F16 and Q8_0 files written
+    from the same base by utils.write_gguf (what `export --format gguf` writes), and the bundled
+    Q4_1 file when the model is the bundled one. Greedy, 128 new tokens, all cores."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return {"workload": "generation_gguf", "skipped": f"llama-cpp-python is not installed ({utils.LLAMA_CPP_PIN})"}
+    cfg = bench_config(opts.model, tempfile.mkdtemp(prefix="bench-gguf-"), 1, opts.set)
+    source = utils.resolve_model(cfg.model.name)
+    tokenizer, _ = utils.load_tokenizer(source)
+    folder = Path(tempfile.mkdtemp(prefix="bench-gguf-files-"))
+    model = utils.load_base_fp32(source)
+    files = {}
+    for kind in utils.GGUF_TYPES:
+        files[kind] = folder / f"model-{kind}.gguf"
+        utils.write_gguf(model, tokenizer, files[kind], kind)
+    del model
+    bundled = utils.bundled_gguf_path()
+    if cfg.model.name == REAL_MODEL and bundled is not None:
+        files["q4_1 (bundled)"] = bundled
+    prompt, _ = question_prompt(tokenizer, cfg.data.system_prompt)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    formats = {}
+    for kind, path in files.items():
+        llm = Llama(model_path=str(path), n_ctx=len(ids) + opts.new_tokens + 8, n_threads=threads, verbose=False)
+
+        def generate(n: int) -> tuple[float, float]:
+            llm.reset()  # no prompt reuse between runs: every run evaluates the whole prompt
+            start, first = time.perf_counter(), None
+            for i, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, min_p=0.0), 1):
+                first = first or time.perf_counter() - start
+                if i == n:
+                    return first, time.perf_counter() - start
+        generate(4)  # warm-up
+        ttft, total = generate(opts.new_tokens)
+        formats[kind] = {"ttft_s": round(ttft, 3), "decode_tokens_per_s": round((opts.new_tokens - 1) / max(total - ttft, 1e-9), 1),
+                         "weight_bytes_per_token": gguf_bytes_per_token(path), "threads": threads}
+        del llm
+    return {"workload": "generation_gguf", "prompt_tokens": len(ids), "new_tokens": opts.new_tokens,
+            "formats": formats, "peak_memory_mb": round(peak_rss_mb(), 1)}
 
 
 # Phi-4-mini-instruct's published shapes (microsoft/Phi-4-mini-instruct config.json: Phi3 class,
@@ -482,7 +544,8 @@ def workload_phi4_mini_shape(opts) -> dict:
 
 
 WORKLOADS = {"project": workload_project, "recompute_all": workload_recompute_all, "seed_recipe": workload_seed_recipe,
-             "generation": workload_generation, "phi4_mini_shape": workload_phi4_mini_shape}
+             "generation": workload_generation, "generation_gguf": workload_generation_gguf,
+             "phi4_mini_shape": workload_phi4_mini_shape}
 CUDA_ONLY = {"phi4_mini_shape"}
 
 
@@ -515,10 +578,11 @@ def add_ratios(w: dict, ref: dict) -> dict:
         gemm = ref["gemm_bf16_gflops"] if w["compute_dtype"] == "bfloat16" else ref["gemm_fp32_gflops"]
         w["mfu"] = round(w["train_gflops"] / gemm, 4)
         w["gemm_reference"] = "bf16" if w["compute_dtype"] == "bfloat16" else "fp32"
-    if "decode_tokens_per_s" in w:
-        bound = ref["mem_read_gbs"] * 1e9 / w["weight_bytes_per_token"]
-        w["decode_bound_tokens_per_s"] = round(bound, 1)
-        w["decode_fraction_of_bound"] = round(w["decode_tokens_per_s"] / bound, 4)
+    for g in [w, *w.get("formats", {}).values()]:
+        if "decode_tokens_per_s" in g:
+            bound = ref["mem_read_gbs"] * 1e9 / g["weight_bytes_per_token"]
+            g["decode_bound_tokens_per_s"] = round(bound, 1)
+            g["decode_fraction_of_bound"] = round(g["decode_tokens_per_s"] / bound, 4)
     w["reference"] = ref
     return w
 
@@ -535,6 +599,8 @@ def targets(results: dict) -> dict:
         out["peak_rss_mb"] = w["project"]["peak_memory_mb"]
     if "generation" in w:
         out["decode_fraction_of_bound"] = w["generation"]["decode_fraction_of_bound"]
+    if "q8_0" in w.get("generation_gguf", {}).get("formats", {}):  # what `inference --gguf` reads by default
+        out["decode_fraction_of_bound_gguf_q8_0"] = w["generation_gguf"]["formats"]["q8_0"]["decode_fraction_of_bound"]
     met = {}
     for key, goal in TARGETS.items():
         if key in out:
@@ -558,13 +624,20 @@ def print_table(results: dict) -> None:
         print(f"generation:   TTFT {g['ttft_s']:.3f} s ({g['prompt_tokens']} prompt tokens); decode "
               f"{g['decode_tokens_per_s']:.1f} tok/s = {100 * g['decode_fraction_of_bound']:.1f}% of the "
               f"bandwidth bound {g['decode_bound_tokens_per_s']:.0f} tok/s ({g['weight_bytes_per_token'] / 1e6:.0f} MB/token)")
+    gg = w.get("generation_gguf", {})
+    if "skipped" in gg:
+        print(f"llama.cpp:    not measured: {gg['skipped']}")
+    for kind, g in gg.get("formats", {}).items():
+        print(f"llama.cpp {kind:<15} TTFT {g['ttft_s']:.3f} s; decode {g['decode_tokens_per_s']:.1f} tok/s = "
+              f"{100 * g['decode_fraction_of_bound']:.1f}% of the bound {g['decode_bound_tokens_per_s']:.0f} tok/s "
+              f"({g['weight_bytes_per_token'] / 1e6:.0f} MB/token)")
     refs = results["references"]
     print("hardware:     " + "; ".join(f"bf16 {r['gemm_bf16_gflops']:.0f} / fp32 {r['gemm_fp32_gflops']:.0f} "
                                        f"GFLOP/s, {r['mem_read_gbs']:.1f} GB/s, load {r['load_avg_1min']} at {r['at']}" for r in refs))
     t = results["targets"]
     for key, goal in t["goals"].items():
         if key in t["values"]:
-            print(f"target {key:<27} {t['values'][key]:>9} (goal {'<=' if key == 'peak_rss_mb' else '>='} {goal}): "
+            print(f"target {key:<35} {t['values'][key]:>9} (goal {'<=' if key == 'peak_rss_mb' else '>='} {goal}): "
                   f"{'met' if t['met'][key] else 'NOT met'}")
     if "eval_loss_project_minus_seed" in t["values"]:
         print(f"eval loss project - seed after the same examples: {t['values']['eval_loss_project_minus_seed']:+.4f}")

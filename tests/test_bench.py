@@ -19,6 +19,8 @@ TRAINING_FIELDS = {"steps_timed": int, "warmup_steps": int, "seconds": float, "e
 GENERATION_FIELDS = {"prompt_tokens": int, "question_tokens": int, "new_tokens": int, "ttft_s": float,
                      "decode_tokens_per_s": float, "weight_bytes_per_token": int, "decode_bound_tokens_per_s": float,
                      "decode_fraction_of_bound": float, "weight_format": str, "peak_memory_mb": float}
+GGUF_FIELDS = {"ttft_s": float, "decode_tokens_per_s": float, "weight_bytes_per_token": int, "threads": int,
+               "decode_bound_tokens_per_s": float, "decode_fraction_of_bound": float}
 REFERENCE_FIELDS = ("gemm_bf16_gflops", "gemm_fp32_gflops", "mem_read_gbs")
 
 
@@ -41,11 +43,11 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
     r = json.loads(out.read_text())
     assert r["smoke"] is True and len(r["date"]) == 10
     assert {"cpu", "cores", "torch", "device", "compute_dtype"} <= set(r["machine"])
-    assert len(r["references"]) == 5  # before the first workload and after each of the four
+    assert len(r["references"]) == 6  # before the first workload and after each of the five
     for ref in r["references"]:
         assert all(ref[k] > 0 for k in REFERENCE_FIELDS)
     w = r["workloads"]
-    assert set(w) == {"project", "recompute_all", "seed_recipe", "generation"}
+    assert set(w) == {"project", "recompute_all", "seed_recipe", "generation", "generation_gguf"}
     assert r["phi4_mini"].startswith("not measured")  # CUDA only by default, never in --smoke
     for name in ("project", "recompute_all", "seed_recipe"):
         check(w[name], TRAINING_FIELDS, name)
@@ -58,9 +60,16 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
     assert w["project"]["checkpointed_layers"] == 0.0
     check(w["generation"], GENERATION_FIELDS, "generation")
     assert w["generation"]["new_tokens"] > 1 and isinstance(w["generation"]["bnb_cpu_fast_kernel"], bool)
+    # llama.cpp (a test dependency) on the F16 and Q8_0 files of the same tiny base; no bundled Q4_1 in smoke
+    gg = w["generation_gguf"]
+    assert set(gg["formats"]) == {"f16", "q8_0"} and gg["new_tokens"] > 1 and gg["prompt_tokens"] > 0
+    for kind, g in gg["formats"].items():
+        check(g, GGUF_FIELDS, f"generation_gguf.{kind}")
+    assert gg["formats"]["q8_0"]["weight_bytes_per_token"] < gg["formats"]["f16"]["weight_bytes_per_token"]
+    assert "llama.cpp q8_0" in proc.stdout
     t = r["targets"]
     assert set(t["values"]) == {"speedup_vs_seed", "eval_loss_project_minus_seed", "mfu", "peak_rss_mb",
-                                "decode_fraction_of_bound"}
+                                "decode_fraction_of_bound", "decode_fraction_of_bound_gguf_q8_0"}
     assert set(t["met"]) == set(t["goals"]) and all(isinstance(v, bool) for v in t["met"].values())
 
 
