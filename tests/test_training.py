@@ -362,6 +362,23 @@ def test_adapters_reading_the_same_input_share_one_dropout(tiny_model):
     assert not torch.equal(b(x), 2 * first)
 
 
+def test_recomputation_draws_the_same_dropout_masks(tiny_model):
+    """With dropout on, gradient checkpointing must recompute every layer with the masks its
+    forward used (torch restores the RNG state; the shared q/k/v copy must be shared the same way
+    both times): loss and gradients equal those of a run without recomputation."""
+    lean, _ = lean_and_plain(tiny_model, dropout=0.25)
+    batch = tiny_batch(tiny_model)
+    torch.manual_seed(0)
+    loss, grads = loss_and_grads(lean, batch, autocast=False)
+    lean.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert all(layer.gradient_checkpointing for layer in lean.get_base_model().model.layers)
+    torch.manual_seed(0)
+    recomputed_loss, recomputed = loss_and_grads(lean, batch, autocast=False)
+    assert recomputed_loss == pytest.approx(loss, abs=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(recomputed[name], grad, atol=1e-6), name
+
+
 def test_head_cross_entropy_matches_the_plain_loss_and_gradient(monkeypatch):
     monkeypatch.setattr(utils, "HEAD_CHUNK", 7)  # 20 rows: three slices, the last one short
     torch.manual_seed(0)
