@@ -3021,6 +3021,8 @@ def export(cfg: Config, adapter: str | None = None, fmt: str = "merged", out: st
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"Exported to {target}")
+    if fmt == "gguf":
+        print(f"Chat with it on llama.cpp, with the safety layer: python main.py inference --gguf {target}")
     return 0
 
 

@@ -58,7 +58,8 @@ def test_gguf_export_loads_back_and_carries_the_chat_template(trained, tmp_path,
     original = AutoTokenizer.from_pretrained(final)
     text = "What helps with a sore throat? <|im_end|>"
     assert tokenizer(text)["input_ids"] == original(text)["input_ids"]
-    assert "model-f16.gguf" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "model-f16.gguf" in printed and f"python main.py inference --gguf {out}" in printed
 
 
 def _merged_and_refs(trained, scale_b: float):
