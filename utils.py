@@ -1837,28 +1837,36 @@ def find_gguf(cfg: Config, adapter: str | None, gguf: str, base: bool) -> Path:
     return path
 
 
-def load_gguf_chat(cfg: Config, adapter: str | None, gguf: str, base: bool):
-    """(llama.cpp model, tokenizer, run config, label) for `inference --gguf`. The system prompt
-    comes from the export's medical_assistant.yaml when the file has one beside it."""
-    path = find_gguf(cfg, adapter, gguf, base)
+def load_llama(path: Path, context: int):
+    """A llama.cpp model on every core this process may use (`inference --gguf`, make bench)."""
     try:
         from llama_cpp import Llama
     except ImportError:
         raise UserError(f"--gguf runs on llama.cpp: pip install {LLAMA_CPP_PIN} (it compiles llama.cpp: "
                         f"about 4 minutes on 2 cores; `make test` installs it), or chat without --gguf") from None
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        return Llama(model_path=str(path), n_ctx=context, n_threads=threads, verbose=False)
+    except ValueError:  # llama-cpp-python's "Failed to load model from file"
+        raise UserError(f"--gguf {path}: llama.cpp cannot load this file (not a GGUF, truncated, or an "
+                        f"architecture it does not know); pass a file `python main.py export --format gguf` wrote") from None
+
+
+def load_gguf_chat(cfg: Config, adapter: str | None, gguf: str, base: bool):
+    """(llama.cpp model, tokenizer, run config, label) for `inference --gguf`. The system prompt
+    comes from the export's medical_assistant.yaml when the file has one beside it."""
     from transformers import AutoTokenizer
+    path = find_gguf(cfg, adapter, gguf, base)
     run_cfg = cfg
     settings = path.parent / ASSISTANT_FILE
     if settings.is_file():
         saved = yaml.safe_load(settings.read_text(encoding="utf-8")) or {}
         if saved.get("system_prompt"):
             run_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, system_prompt=saved["system_prompt"]))
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    ensure_chat_template(tokenizer)
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # room for a prompt of max_length and a full answer (transformers' cache grows as needed; llama.cpp's is fixed)
-    context = max(2048, run_cfg.model.max_length + run_cfg.generation.max_new_tokens)
-    llm = Llama(model_path=str(path), n_ctx=context, n_threads=threads, verbose=False)
+    llm = load_llama(path, max(2048, run_cfg.model.max_length + run_cfg.generation.max_new_tokens))
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)  # llama.cpp read it: a GGUF
+    ensure_chat_template(tokenizer)
     return llm, tokenizer, run_cfg, f"{path} (llama.cpp)"
 
 
@@ -1896,7 +1904,7 @@ def generate_answer_gguf(llm, tokenizer, history: list[dict], cfg: Config, strea
         streamer.put(torch.tensor(ids))  # the streamer skips the prompt, as with model.generate
     try:
         for token in llm.generate(ids, min_p=0.0, repeat_penalty=1.0, reset=True,
-                                  logits_processor=[_numpy_processor(processors)], **sampling):
+                                  logits_processor=[_numpy_processor(processors)] if processors else None, **sampling):
             if token in stop_ids:
                 ended = "eos"
                 break

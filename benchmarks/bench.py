@@ -462,7 +462,7 @@ def workload_generation_gguf(opts) -> dict:
     from the same base by utils.write_gguf (what `export --format gguf` writes), and the bundled
     Q4_1 file when the model is the bundled one. Greedy, 128 new tokens, all cores."""
     try:
-        from llama_cpp import Llama
+        import llama_cpp  # noqa: F401
     except ImportError:
         return {"workload": "generation_gguf", "skipped": f"llama-cpp-python is not installed ({utils.LLAMA_CPP_PIN})"}
     cfg = bench_config(opts.model, tempfile.mkdtemp(prefix="bench-gguf-"), 1, opts.set)
@@ -480,10 +480,9 @@ def workload_generation_gguf(opts) -> dict:
         files["q4_1 (bundled)"] = bundled
     prompt, _ = question_prompt(tokenizer, cfg.data.system_prompt)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     formats = {}
     for kind, path in files.items():
-        llm = Llama(model_path=str(path), n_ctx=len(ids) + opts.new_tokens + 8, n_threads=threads, verbose=False)
+        llm = utils.load_llama(path, len(ids) + opts.new_tokens + 8)
 
         def generate(n: int) -> tuple[float, float]:
             llm.reset()  # no prompt reuse between runs: every run evaluates the whole prompt
@@ -495,7 +494,7 @@ def workload_generation_gguf(opts) -> dict:
         generate(4)  # warm-up
         ttft, total = generate(opts.new_tokens)
         formats[kind] = {"ttft_s": round(ttft, 3), "decode_tokens_per_s": round((opts.new_tokens - 1) / max(total - ttft, 1e-9), 1),
-                         "weight_bytes_per_token": gguf_bytes_per_token(path), "threads": threads}
+                         "weight_bytes_per_token": gguf_bytes_per_token(path), "threads": llm.n_threads}
         del llm
     return {"workload": "generation_gguf", "prompt_tokens": len(ids), "new_tokens": opts.new_tokens,
             "formats": formats, "peak_memory_mb": round(peak_rss_mb(), 1)}

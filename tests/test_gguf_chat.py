@@ -136,6 +136,9 @@ def test_gguf_chat_without_an_export_or_llama_cpp_says_what_to_run(exported, tmp
     assert "has no GGUF export" in err and "python main.py export --format gguf --adapter" in err
     assert main.main(["inference", str(cfg), "--gguf", str(tmp_path / "none.gguf"), "--question", "hi"]) == 2
     assert "no such file" in capsys.readouterr().err
+    (tmp_path / "junk.gguf").write_text("not a model\n")
+    assert main.main(["inference", str(cfg), "--gguf", str(tmp_path / "junk.gguf"), "--question", "hi"]) == 2
+    assert "llama.cpp cannot load this file" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
     assert main.main(["inference", str(cfg), "--gguf", "--question", "hi"]) == 2
     assert f"pip install {utils.LLAMA_CPP_PIN}" in capsys.readouterr().err
