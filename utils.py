@@ -156,6 +156,7 @@ class GenerationSection:
     top_p: float = 0.9
     repetition_penalty: float = 1.1
     no_repeat_ngram_size: int = 3
+    engine: str = "auto"
 
 
 @dataclass
@@ -181,6 +182,7 @@ class Config:
 QUANTIZATIONS = ("4bit", "8bit", "none")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 REPORTERS = ("none", "tensorboard", "wandb", "mlflow")
+ENGINES = ("auto", "transformers")  # how chat decodes: CpuDecoder where it runs, or always generate()
 
 # Value rules beyond types: (dotted key, check, fix). Checked only when the type is right.
 VALUE_RULES = [
@@ -215,6 +217,7 @@ VALUE_RULES = [
     ("generation.top_p", lambda v: 0 < v <= 1, "use a value in (0, 1]"),
     ("generation.repetition_penalty", lambda v: v > 0, "use a positive value, 1.0 = off"),
     ("generation.no_repeat_ngram_size", lambda v: v >= 0, "use 0 (off) or a small n such as 3"),
+    ("generation.engine", lambda v: v in ENGINES, f"use one of {', '.join(ENGINES)}"),
 ]
 
 
@@ -1805,6 +1808,266 @@ def generate_answer(model, tokenizer, history: list[dict], cfg: Config, streamer
 
 
 # ---------------------------------------------------------------------------------------------
+# Chat on a CPU without transformers' generate: the adapter merged into the dequantized base,
+# stored in float16, run by a plain decoder loop. bitsandbytes' 4-bit CPU kernel reads weights
+# at ~7 GB/s and transformers adds ~3,000 small operator calls per token (~26 tokens/s here for
+# SmolLM2-135M); FBGEMM's float16-weight products read at 25-45 GB/s with float32 activations and
+# accumulation, so the logits match a float32 merge (README, Performance).
+# ---------------------------------------------------------------------------------------------
+
+CPU_DECODER_FAMILIES = ("llama", "mistral", "qwen2", "phi3")  # RMSNorm, rotary, SiLU-gated MLP
+CPU_DECODER_CONTEXT = 2048  # tokens the cache holds at first; it grows when a conversation needs more
+
+
+def decoder_context(cfg: Config) -> int:
+    """Positions the cache is made for: a prompt of max_length and a full answer, 2,048 at least."""
+    return max(CPU_DECODER_CONTEXT, cfg.model.max_length + cfg.generation.max_new_tokens)
+
+
+def cpu_decoder_blocker(model, hw: Hardware, cfg: Config) -> str | None:
+    """Why chat cannot run on CpuDecoder (None when it can); "" when there is nothing to say."""
+    import psutil
+    import torch
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    c = base.config
+    if cfg.generation.engine == "transformers" or hw.device != "cpu":
+        return ""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return "this PyTorch build has no FBGEMM kernels (x86 only)"
+    if hw.quantization == "8bit":
+        return "it reads 4-bit or unquantized bases, not bitsandbytes 8-bit"
+    if c.model_type not in CPU_DECODER_FAMILIES or getattr(c, "hidden_act", "silu") != "silu":
+        return f"architecture {c.model_type!r} is not one it runs ({', '.join(CPU_DECODER_FAMILIES)})"
+    window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
+    if window and window < decoder_context(cfg):
+        return f"sliding-window attention ({window} tokens)"
+    need = 2 * sum(math.prod(p.quant_state.shape) if getattr(p, "quant_state", None) is not None else p.numel()
+                   for name, p in base.named_parameters() if "lora_" not in name)
+    free = psutil.virtual_memory().available
+    if need > free / 2:
+        return f"its float16 copy ({need / 1e9:.1f} GB) would take more than half the free memory ({free / 1e9:.1f} GB)"
+    return None
+
+
+def dense_weight(module):
+    """(weight, bias) of a linear layer in float32: dequantized from 4-bit, the LoRA update merged."""
+    layer = getattr(module, "base_layer", module)
+    if type(layer.weight).__name__ == "Params4bit":  # bitsandbytes is importable if it made one
+        import bitsandbytes as bnb
+        state = layer.weight.quant_state
+        # after its first forward on a CPU, bitsandbytes keeps the weight in a kernel layout
+        # that dequantize_4bit misreads (PITFALLS): the decoder is built before any forward
+        assert not getattr(state, "packing_format_for_cpu", False), "build the decoder before the first forward"
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, state).float()
+    else:
+        weight = layer.weight.data.float()
+    for name in getattr(module, "active_adapters", []) if layer is not module else []:
+        if name in module.lora_A:
+            weight = weight + module.get_delta_weight(name).float()
+    return weight, None if layer.bias is None else layer.bias.data.float()
+
+
+class CpuDecoder:
+    """One sequence at a time through a Llama-style model: per layer RMSNorm, one q/k/v product,
+    rotary position as one complex product, attention over a preallocated cache, one gate/up
+    product. Weights are FBGEMM float16 packs; activations and accumulation float32. The norm
+    weights and the 1/sqrt(head_dim) of attention are folded into the products that follow them,
+    and q/k rows are reordered so that each rotary pair sits side by side (scores do not change
+    when q and k are permuted alike)."""
+
+    def __init__(self, model, context: int = CPU_DECODER_CONTEXT, packed: bool = True):
+        import torch
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        c, inner = base.config, base.model
+        first = inner.layers[0].self_attn
+        self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
+        self.head_dim = d = getattr(first, "head_dim", None) or c.hidden_size // self.heads
+        self.eps, self.packed, self.rotary = c.rms_norm_eps, packed, inner.rotary_emb
+        self.weight_bytes = 0  # read per decoded token: every float16 product weight
+        self.rotary_dim = self.rotary(torch.zeros(1), torch.zeros(1, 1, dtype=torch.long))[0].shape[-1]
+        half = self.rotary_dim // 2
+        pairs = torch.stack([torch.arange(half), torch.arange(half) + half], 1).reshape(-1)
+        within = torch.cat([pairs, torch.arange(self.rotary_dim, d)])  # rotary pairs first, the rest as is
+
+        def rows(n_heads):
+            return (torch.arange(n_heads)[:, None] * d + within).reshape(-1)
+        H, KV = self.heads, self.kv_heads
+        order = torch.cat([rows(H), H * d + rows(KV), torch.arange((H + KV) * d, (H + 2 * KV) * d)])
+        scaling = getattr(first, "scaling", d ** -0.5)
+        self.layers = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            w, b = (dense_weight(attn.qkv_proj) if hasattr(attn, "qkv_proj") else
+                    _stack([dense_weight(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")]))
+            w, b = w[order], None if b is None else b[order]
+            w[:H * d] *= scaling
+            if b is not None:
+                b[:H * d] *= scaling
+            gate_up = (dense_weight(mlp.gate_up_proj) if hasattr(mlp, "gate_up_proj") else
+                       _stack([dense_weight(mlp.gate_proj), dense_weight(mlp.up_proj)]))
+            self.layers.append((self._pack(w * layer.input_layernorm.weight.float(), b),
+                                self._pack(*dense_weight(attn.o_proj)),
+                                self._pack(gate_up[0] * layer.post_attention_layernorm.weight.float(), gate_up[1]),
+                                self._pack(*dense_weight(mlp.down_proj))))
+        self.head = self._pack(base.get_output_embeddings().weight.float() * inner.norm.weight.float(), None)
+        self.embed = base.get_input_embeddings().weight.detach()
+        self.capacity, self.k, self.v = 0, None, None
+        self._reserve(context)
+
+    def _pack(self, weight, bias):
+        import torch
+        self.weight_bytes += 2 * weight.numel()
+        if self.packed:
+            return torch.ops.quantized.linear_prepack_fp16(weight.contiguous(), bias)
+        return weight.contiguous(), bias  # float32 as given: tests compare the arithmetic itself
+
+    def _product(self, x, pack):
+        import torch
+        import torch.nn.functional as F
+        return torch.ops.quantized.linear_dynamic_fp16(x, pack) if self.packed else F.linear(x, *pack)
+
+    def _reserve(self, length: int) -> None:
+        """Cache and rotary angles for `length` positions (doubling, copying what is cached)."""
+        import torch
+        if length <= self.capacity:
+            return
+        size = max(length, 2 * self.capacity)
+        shape = (len(self.layers), self.kv_heads, size, self.head_dim)
+        k, v = torch.zeros(shape), torch.zeros(shape)
+        if self.k is not None:
+            k[:, :, :self.capacity], v[:, :, :self.capacity] = self.k, self.v
+        self.k, self.v, self.capacity = k, v, size
+        cos, sin = self.rotary(torch.zeros(1), torch.arange(size)[None])
+        half = self.rotary_dim // 2
+        angles = torch.ones(size, self.head_dim // 2, dtype=torch.complex64)
+        angles[:, :half] = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())
+        self.angles = angles
+
+    def _norm(self, x):
+        import torch
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, ids, start: int, all_logits: bool = False):
+        """Logits (float32) after ids[-1], or after every id, for ids at positions start.. ; the
+        cache keeps positions < start from earlier calls."""
+        import torch
+        import torch.nn.functional as F
+        T, H, KV, d = ids.shape[0], self.heads, self.kv_heads, self.head_dim
+        end = start + T
+        self._reserve(end)
+        x = self.embed[ids].float()
+        angles = self.angles[start:end, None]
+        # token t sees positions <= start + t; a single new token sees the whole cache
+        mask = torch.ones(T, end, dtype=torch.bool).tril(start) if T > 1 else None
+        for i, (qkv_w, o_w, gate_up_w, down_w) in enumerate(self.layers):
+            qkv = self._product(self._norm(x), qkv_w)
+            qk = torch.view_as_complex(qkv[:, :(H + KV) * d].reshape(T, H + KV, d // 2, 2))
+            qk = torch.view_as_real(qk * angles).reshape(T, H + KV, d)
+            self.k[i, :, start:end] = qk[:, H:].transpose(0, 1)
+            self.v[i, :, start:end] = qkv[:, (H + KV) * d:].reshape(T, KV, d).transpose(0, 1)
+            out = F.scaled_dot_product_attention(qk[:, :H].transpose(0, 1)[None], self.k[i:i + 1, :, :end],
+                                                 self.v[i:i + 1, :, :end], attn_mask=mask, scale=1.0, enable_gqa=True)
+            x = x + self._product(out[0].transpose(0, 1).reshape(T, H * d), o_w)
+            gate, up = self._product(self._norm(x), gate_up_w).chunk(2, -1)
+            x = x + self._product(F.silu(gate) * up, down_w)
+        return self._product(self._norm(x if all_logits else x[-1:]), self.head)
+
+
+def _stack(parts: list) -> tuple:
+    """(weight, bias) of products computed as one: rows stacked, biases too when present."""
+    import torch
+    weights, biases = zip(*parts)
+    return torch.cat(weights), None if biases[0] is None else torch.cat(biases)
+
+
+def answer_processors(cfg: Config, prompt_len: int) -> list:
+    """The repetition penalty and the answer-only n-gram ban as transformers' generate applies
+    them, for the loops that do not go through it (CpuDecoder, llama.cpp)."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+    g = cfg.generation
+    processors = [RepetitionPenaltyLogitsProcessor(g.repetition_penalty)] if g.repetition_penalty != 1.0 else []
+    if g.no_repeat_ngram_size:
+        processors.append(_no_repeat_in_answer(prompt_len, g.no_repeat_ngram_size))
+    return processors
+
+
+def pick_token(scores, cfg: Config) -> int:
+    """Greedy at temperature 0; else sampled as transformers' generate does (temperature, then
+    top-k 50, then top-p), from scores of shape (1, vocabulary)."""
+    import torch
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    g = cfg.generation
+    if g.temperature == 0:
+        return int(scores[0].argmax())
+    for warp in (TemperatureLogitsWarper(g.temperature), TopKLogitsWarper(50), TopPLogitsWarper(g.top_p)):
+        scores = warp(None, scores)
+    return int(torch.multinomial(scores.softmax(-1), 1))
+
+
+def decoder_tokens(decoder: CpuDecoder, ids: list[int], cfg: Config):
+    """The answer's tokens, one at a time, from a CpuDecoder (the caller stops the loop)."""
+    import torch
+    processors, seq = answer_processors(cfg, len(ids)), list(ids)
+    with torch.inference_mode():
+        logits = decoder.forward(torch.tensor(ids), 0)
+    while True:
+        scores = logits
+        for p in processors:
+            scores = p(torch.tensor([seq]), scores)
+        token = pick_token(scores, cfg)
+        yield token
+        seq.append(token)
+        with torch.inference_mode():
+            logits = decoder.forward(torch.tensor([token]), len(seq) - 1)
+
+
+def answer_from_tokens(tokens, tokenizer, ids: list[int], limit: int, streamer=None) -> tuple[str, str]:
+    """Collect an answer from a token stream until an end-of-turn id or `limit` tokens, streaming
+    it; Ctrl-C stops this answer only. Returns (text, eos | cap | interrupted)."""
+    import torch
+    stop_ids, new, ended = set(end_of_turn_ids(tokenizer)), [], "cap"
+    if streamer is not None:
+        streamer.put(torch.tensor(ids))  # the streamer skips the prompt, as with model.generate
+    try:
+        for token in tokens:
+            if token in stop_ids:
+                ended = "eos"
+                break
+            new.append(token)
+            if streamer is not None:
+                streamer.put(torch.tensor([token]))
+            if len(new) >= limit:
+                break
+    except KeyboardInterrupt:
+        if streamer is None:
+            raise
+        ended = "interrupted"
+    text = tokenizer.decode(new, skip_special_tokens=True).strip()
+    return (cut_to_sentence(text) if ended == "cap" else text), ended
+
+
+def prompt_ids(tokenizer, history: list[dict], cfg: Config) -> list[int]:
+    return tokenizer(render_prompt(tokenizer, history, cfg.data.system_prompt), add_special_tokens=False)["input_ids"]
+
+
+def generate_answer_cpu(decoder: CpuDecoder, tokenizer, history: list[dict], cfg: Config, streamer=None) -> tuple[str, str]:
+    """generate_answer on a CpuDecoder: the same prompt, processors, sampling and stopping."""
+    ids = prompt_ids(tokenizer, history, cfg)
+    return answer_from_tokens(decoder_tokens(decoder, ids, cfg), tokenizer, ids, cfg.generation.max_new_tokens, streamer)
+
+
+def cpu_decoder_for_chat(model, hw: Hardware, cfg: Config):
+    """A CpuDecoder for chat when the generation engine setting and the model allow one, else None
+    (with a one-line note saying why, where there is a reason worth knowing)."""
+    why = cpu_decoder_blocker(model, hw, cfg)
+    if why is None:
+        return CpuDecoder(model, decoder_context(cfg))
+    if why:
+        print(f"note: chat runs on transformers' generate (slower): {why}", file=sys.stderr)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # Chat on an exported GGUF through llama.cpp (`inference --gguf`): the same prompt, settings,
 # streaming and safety layer, a fused runtime underneath. PyTorch decodes this 135M model at
 # ~30 tokens/s here, dispatch-bound (README, Performance); llama.cpp reads the Q8_0 file at ~140.
@@ -1888,37 +2151,16 @@ def _numpy_processor(processors: list):
 def generate_answer_gguf(llm, tokenizer, history: list[dict], cfg: Config, streamer=None) -> tuple[str, str]:
     """generate_answer on llama.cpp: greedy or sampled as the generation section says, stopping
     on every end-of-turn id. llama.cpp's own penalties are off; transformers' processors run."""
-    import torch
-    from transformers import RepetitionPenaltyLogitsProcessor
     g = cfg.generation
-    ids = tokenizer(render_prompt(tokenizer, history, cfg.data.system_prompt), add_special_tokens=False)["input_ids"]
-    processors = [RepetitionPenaltyLogitsProcessor(g.repetition_penalty)] if g.repetition_penalty != 1.0 else []
-    if g.no_repeat_ngram_size:
-        processors.append(_no_repeat_in_answer(len(ids), g.no_repeat_ngram_size))
+    ids = prompt_ids(tokenizer, history, cfg)
+    processors = answer_processors(cfg, len(ids))
     sampling = dict(temp=g.temperature, top_p=g.top_p, top_k=50) if g.temperature > 0 else dict(temp=0.0, top_k=1)
     if len(ids) >= llm.n_ctx():
         raise UserError(f"the conversation is {len(ids)} tokens, more than llama.cpp's context of {llm.n_ctx()}: "
                         f"ask a shorter question, or raise model.max_length")
-    stop_ids, new, ended = set(end_of_turn_ids(tokenizer)), [], "cap"
-    if streamer is not None:
-        streamer.put(torch.tensor(ids))  # the streamer skips the prompt, as with model.generate
-    try:
-        for token in llm.generate(ids, min_p=0.0, repeat_penalty=1.0, reset=True,
-                                  logits_processor=[_numpy_processor(processors)] if processors else None, **sampling):
-            if token in stop_ids:
-                ended = "eos"
-                break
-            new.append(token)
-            if streamer is not None:
-                streamer.put(torch.tensor([token]))
-            if len(new) >= g.max_new_tokens or len(ids) + len(new) >= llm.n_ctx():
-                break
-    except KeyboardInterrupt:  # Ctrl-C during an answer stops that answer only
-        if streamer is None:
-            raise
-        ended = "interrupted"
-    text = tokenizer.decode(new, skip_special_tokens=True).strip()
-    return (cut_to_sentence(text) if ended == "cap" else text), ended
+    tokens = llm.generate(ids, min_p=0.0, repeat_penalty=1.0, reset=True,
+                          logits_processor=[_numpy_processor(processors)] if processors else None, **sampling)
+    return answer_from_tokens(tokens, tokenizer, ids, min(g.max_new_tokens, llm.n_ctx() - len(ids)), streamer)
 
 
 def respond(history: list[dict], generate, cfg: Config, out=None) -> dict:
@@ -1965,10 +2207,13 @@ def chat(cfg: Config, adapter: str | None = None, base: bool = False, question: 
         raise UserError(f"--output {output}: cannot write there ({exc.strerror}); pass a writable file path") from None
     if gguf is None:
         model, tokenizer, run_cfg, label = load_chat_model(cfg, adapter, base)
-        engine = generate_answer
+        engine, engine_name = generate_answer, "transformers generate"
+        decoder = cpu_decoder_for_chat(model, pick_hardware(run_cfg.model.quantization), run_cfg)
+        if decoder is not None:  # the float16 copy replaces the 4-bit model
+            model, engine, engine_name = decoder, generate_answer_cpu, "float16 CPU decoder"
     else:
         model, tokenizer, run_cfg, label = load_gguf_chat(cfg, adapter, gguf, base)
-        engine = generate_answer_gguf
+        engine, engine_name = generate_answer_gguf, "llama.cpp"
 
     def generate(history, check, out):
         streamer = _SentenceStreamer(tokenizer, out, check) if out is not None else None
@@ -1980,7 +2225,8 @@ def chat(cfg: Config, adapter: str | None = None, base: bool = False, question: 
         if sink:
             sink.write(json.dumps({"question": history[-1]["content"], "answer": turn["answer"],
                                    "safety": {k: turn[k] for k in ("label", "category", "model_answered")},
-                                   "ended": turn["ended"], "model": label}, ensure_ascii=False) + "\n")
+                                   "ended": turn["ended"], "model": label, "engine": engine_name},
+                                  ensure_ascii=False) + "\n")
             sink.flush()
         return turn
 
@@ -1992,7 +2238,7 @@ def chat(cfg: Config, adapter: str | None = None, base: bool = False, question: 
                 if line.strip():
                     print(answer([{"role": "user", "content": line.strip()}])["answer"], flush=True)
         else:
-            interactive(answer, label, run_cfg)
+            interactive(answer, f"{label}; {engine_name}", run_cfg)
     finally:
         if sink:
             sink.close()

@@ -1,0 +1,167 @@
+"""`inference` on a CPU decodes with utils.CpuDecoder (the adapter merged into a float16 copy, a
+plain decoder loop) instead of transformers' generate. It must compute what the model computes:
+every family it runs, 4-bit and unquantized, prompt at once and token by token, and give the same
+answers as generate() with the same settings."""
+import json
+
+import pytest
+import torch
+import yaml
+
+import main
+import utils
+from conftest import tiny_config
+from tiny import build_tiny_model
+
+RUNS = ("smollm2", "phi3", "qwen2")  # Llama, fused q/k/v and gate/up, q/k/v biases
+
+
+@pytest.fixture(scope="module", params=RUNS)
+def family(request, tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp(request.param) / request.param, family=request.param)
+
+
+def adapted(folder, quantization="none", sharpen=True):
+    """The tiny model with a LoRA adapter that matters (lora_B non-zero), float32 compute, eval
+    mode. A random tiny model attends almost uniformly and spreads its logits little, so q and k
+    and the (tied) embedding are scaled up: then positions and attention weights change the logits."""
+    cfg = utils.config_from_dict({"model": {"name": str(folder)}})
+    hw = utils.Hardware("cpu", torch.float32, quantization, "")
+    # loaded as for training: attach_lora's layer probes must not switch on bitsandbytes' CPU repack
+    model = utils.attach_lora(utils.load_base_model(utils.resolve_model(str(folder)), hw), cfg)
+    model.config.use_cache = True
+    heads, kv, d = model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+            elif sharpen and name.endswith(("q_proj.base_layer.weight", "k_proj.base_layer.weight")):
+                p.mul_(8)
+            elif sharpen and name.endswith("qkv_proj.base_layer.weight"):
+                p[:(heads + kv) * d].mul_(8)
+            elif sharpen and name.endswith("embed_tokens.weight"):
+                p.mul_(30)
+    return model.eval()
+
+
+def prompt(folder, n_words=30) -> torch.Tensor:
+    tokenizer, _ = utils.load_tokenizer(utils.resolve_model(str(folder)))
+    text = utils.render_prompt(tokenizer, [{"role": "user", "content": "Is rest good for a cold? " * (n_words // 6)}],
+                               "Be careful.")
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def logprob_gap(a, b) -> float:
+    return (a.log_softmax(-1) - b.log_softmax(-1)).abs().max().item()
+
+
+def test_the_decoder_computes_what_the_model_computes(family):
+    """Every position of a chat prompt, every vocabulary entry: the decoder in float32 equals the
+    model to rounding, in float16 weights within 0.05; the same decoder fed wrong positions is far
+    off, so the comparison sees the rotary embedding (measured: 1e-5, 0.006-0.009, 1.8-2.9)."""
+    check_logits(family)
+
+
+def test_partial_rotary_as_phi4_mini(tmp_path):
+    """Phi-4-mini rotates only part of each head (partial_rotary_factor 0.75)."""
+    folder = build_tiny_model(tmp_path / "phi3", family="phi3")
+    config = json.loads((folder / "config.json").read_text())
+    rope = {**config["rope_parameters"], "partial_rotary_factor": 0.75}
+    (folder / "config.json").write_text(json.dumps({**config, "partial_rotary_factor": 0.75, "rope_parameters": rope}))
+    assert check_logits(folder).rotary_dim == 12  # of 16
+
+
+def check_logits(folder):
+    model, ids = adapted(folder), prompt(folder)
+    exact, packed = utils.CpuDecoder(model, packed=False), utils.CpuDecoder(model)
+    with torch.inference_mode():
+        expected = model(input_ids=ids[None]).logits[0]
+        gaps = {"float32": logprob_gap(exact.forward(ids, 0, all_logits=True), expected),
+                "float16": logprob_gap(packed.forward(ids, 0, all_logits=True), expected),
+                "shifted": logprob_gap(exact.forward(ids, 3, all_logits=True), expected)}
+    assert gaps["float32"] < 1e-4 and gaps["float16"] < 0.05 and gaps["shifted"] > 0.5, gaps
+    return exact
+
+
+def test_token_by_token_equals_the_whole_prompt(family):
+    """The cache: a prefix, then single tokens, then a chunk of several tokens at a later position,
+    starting from a cache of 4 positions that has to grow twice."""
+    model, ids = adapted(family), prompt(family)
+    decoder = utils.CpuDecoder(model, context=4, packed=False)
+    with torch.inference_mode():
+        whole = decoder.forward(ids, 0, all_logits=True)
+        rows = [decoder.forward(ids[:5], 0, all_logits=True)]
+        rows += [decoder.forward(ids[i:i + 1], i) for i in range(5, 9)]
+        rows += [decoder.forward(ids[9:], 9, all_logits=True)]
+    assert decoder.capacity >= len(ids)
+    assert torch.allclose(torch.cat(rows), whole, atol=1e-4), (torch.cat(rows) - whole).abs().max()
+
+
+def test_a_4bit_base_is_dequantized_and_the_adapter_merged(tiny_model):
+    """From bitsandbytes NF4 weights (float32 compute) plus a non-zero adapter, unquantized only
+    by the decoder: the logits equal the 4-bit model's."""
+    model, ids = adapted(tiny_model, quantization="4bit", sharpen=False), prompt(tiny_model)
+    decoder = utils.CpuDecoder(model, packed=False)  # before any forward: bitsandbytes repacks on the first
+    with torch.inference_mode():
+        gap = logprob_gap(decoder.forward(ids, 0, all_logits=True), model(input_ids=ids[None]).logits[0])
+    base = utils.CpuDecoder(utils.load_base_model(utils.resolve_model(str(tiny_model)),
+                                                  utils.Hardware("cpu", torch.float32, "4bit", ""), training=False),
+                            packed=False)
+    with torch.inference_mode():
+        adapter_effect = logprob_gap(decoder.forward(ids, 0, all_logits=True), base.forward(ids, 0, all_logits=True))
+    assert gap < 1e-4 and adapter_effect > 0.01, (gap, adapter_effect)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_answers_equal_transformers_generate(family, temperature):
+    """Same prompt, repetition penalty, answer-only n-gram ban, stop ids and token cap: the same
+    answer, greedy and (same seed) sampled."""
+    model = adapted(family)
+    tokenizer, _ = utils.load_tokenizer(utils.resolve_model(str(family)))
+    cfg = utils.config_from_dict({"model": {"name": str(family)}, "data": {"system_prompt": "Be careful."},
+                                  "generation": {"max_new_tokens": 24, "repetition_penalty": 1.3,
+                                                 "no_repeat_ngram_size": 2, "temperature": temperature, "top_p": 0.8}})
+    history = [{"role": "user", "content": "Is rest good for a cold?"}]
+    decoder = utils.CpuDecoder(model, packed=False)
+    torch.manual_seed(1)
+    ours = utils.generate_answer_cpu(decoder, tokenizer, history, cfg)
+    model.generation_config.top_k = 50
+    torch.manual_seed(1)
+    theirs = utils.generate_answer(model, tokenizer, history, cfg)
+    assert ours == theirs and len(ours[0]) > 10
+
+
+def test_sampling_keeps_to_top_p():
+    cfg = utils.config_from_dict({"generation": {"temperature": 1.0, "top_p": 0.5}})
+    scores = torch.log(torch.tensor([[0.05, 0.6, 0.3, 0.05]]))
+    assert {utils.pick_token(scores.clone(), cfg) for _ in range(50)} == {1}
+    cfg = utils.config_from_dict({"generation": {"temperature": 1.0, "top_p": 0.85}})
+    assert {utils.pick_token(scores.clone(), cfg) for _ in range(200)} == {1, 2}
+
+
+def test_chat_runs_on_the_decoder_and_says_when_it_cannot(tiny_model, tmp_path, capsys):
+    """The default chat on a CPU names the decoder in its rows; `engine: transformers` does not
+    use it; an architecture it does not run (Gemma 2) chats on generate() with a one-line note."""
+    cfg = tiny_config(tmp_path, tiny_model, max_steps=2, eval_steps=2)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["generation"] = {"max_new_tokens": 8}
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main.main(["train", str(cfg)]) == 0
+    rows = tmp_path / "rows.jsonl"
+    for engine in ("auto", "transformers"):
+        raw["generation"]["engine"] = engine
+        cfg.write_text(yaml.safe_dump(raw))
+        assert main.main(["inference", str(cfg), "--question", "Is rest good?", "--output", str(rows)]) == 0
+    assert [json.loads(line)["engine"] for line in rows.read_text().splitlines()] == [
+        "float16 CPU decoder", "transformers generate"]
+
+    gemma = build_tiny_model(tmp_path / "gemma2", family="gemma2")
+    model = utils.load_base_model(utils.resolve_model(str(gemma)), utils.pick_hardware("4bit"), training=False)
+    capsys.readouterr()
+    assert utils.cpu_decoder_for_chat(model, utils.pick_hardware("4bit"), utils.config_from_dict({})) is None
+    assert "architecture 'gemma2'" in capsys.readouterr().err
+
+
+def test_engine_is_validated():
+    with pytest.raises(utils.ConfigError, match="generation.engine"):
+        utils.config_from_dict({"generation": {"engine": "fast"}})
