@@ -2197,6 +2197,29 @@ def with_disclaimer(answer: str, cfg: Config) -> str:
     return f"{answer}\n\n{d}"
 
 
+@dataclass
+class ChatEngine:
+    answer: typing.Callable  # (history, cfg, streamer=None) -> (text, eos | cap | interrupted)
+    tokenizer: typing.Any
+    cfg: Config              # the run's model and prompt, the user's generation and safety settings
+    label: str               # which model
+    name: str                # transformers generate | float16 CPU decoder | llama.cpp
+
+
+def load_chat_engine(cfg: Config, adapter: str | None = None, base: bool = False, gguf: str | None = None) -> ChatEngine:
+    """What answers in chat: llama.cpp with --gguf; else the trained adapter (or --base) on the
+    CpuDecoder on a CPU where it runs, or transformers' generate on the quantized model."""
+    if gguf is not None:
+        llm, tokenizer, run_cfg, label = load_gguf_chat(cfg, adapter, gguf, base)
+        return ChatEngine(functools.partial(generate_answer_gguf, llm, tokenizer), tokenizer, run_cfg, label, "llama.cpp")
+    model, tokenizer, run_cfg, label = load_chat_model(cfg, adapter, base)
+    decoder = cpu_decoder_for_chat(model, pick_hardware(run_cfg.model.quantization), run_cfg)
+    if decoder is not None:  # the float16 copy replaces the 4-bit model, which is dropped here
+        return ChatEngine(functools.partial(generate_answer_cpu, decoder, tokenizer), tokenizer, run_cfg, label,
+                          "float16 CPU decoder")
+    return ChatEngine(functools.partial(generate_answer, model, tokenizer), tokenizer, run_cfg, label, "transformers generate")
+
+
 def chat(cfg: Config, adapter: str | None = None, base: bool = False, question: str | None = None,
          output: str | None = None, gguf: str | None = None) -> int:
     """`python main.py inference`: one --question, questions piped on stdin (one per line), or an
@@ -2205,19 +2228,12 @@ def chat(cfg: Config, adapter: str | None = None, base: bool = False, question: 
         sink = open(output, "a", encoding="utf-8") if output else None
     except OSError as exc:
         raise UserError(f"--output {output}: cannot write there ({exc.strerror}); pass a writable file path") from None
-    if gguf is None:
-        model, tokenizer, run_cfg, label = load_chat_model(cfg, adapter, base)
-        engine, engine_name = generate_answer, "transformers generate"
-        decoder = cpu_decoder_for_chat(model, pick_hardware(run_cfg.model.quantization), run_cfg)
-        if decoder is not None:  # the float16 copy replaces the 4-bit model
-            model, engine, engine_name = decoder, generate_answer_cpu, "float16 CPU decoder"
-    else:
-        model, tokenizer, run_cfg, label = load_gguf_chat(cfg, adapter, gguf, base)
-        engine, engine_name = generate_answer_gguf, "llama.cpp"
+    engine = load_chat_engine(cfg, adapter, base, gguf)
+    run_cfg = engine.cfg
 
     def generate(history, check, out):
-        streamer = _SentenceStreamer(tokenizer, out, check) if out is not None else None
-        text, ended = engine(model, tokenizer, trim_history(tokenizer, history, run_cfg), run_cfg, streamer)
+        streamer = _SentenceStreamer(engine.tokenizer, out, check) if out is not None else None
+        text, ended = engine.answer(trim_history(engine.tokenizer, history, run_cfg), run_cfg, streamer)
         return text, ended, streamer.shown if streamer else ""
 
     def answer(history: list[dict], out=None) -> dict:
@@ -2225,7 +2241,7 @@ def chat(cfg: Config, adapter: str | None = None, base: bool = False, question: 
         if sink:
             sink.write(json.dumps({"question": history[-1]["content"], "answer": turn["answer"],
                                    "safety": {k: turn[k] for k in ("label", "category", "model_answered")},
-                                   "ended": turn["ended"], "model": label, "engine": engine_name},
+                                   "ended": turn["ended"], "model": engine.label, "engine": engine.name},
                                   ensure_ascii=False) + "\n")
             sink.flush()
         return turn
@@ -2238,7 +2254,7 @@ def chat(cfg: Config, adapter: str | None = None, base: bool = False, question: 
                 if line.strip():
                     print(answer([{"role": "user", "content": line.strip()}])["answer"], flush=True)
         else:
-            interactive(answer, f"{label}; {engine_name}", run_cfg)
+            interactive(answer, f"{engine.label}; {engine.name}", run_cfg)
     finally:
         if sink:
             sink.close()

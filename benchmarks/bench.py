@@ -17,7 +17,8 @@ Workloads, each in its own process so their peak RSS are separate:
                whole sequence, gradient checkpointing, kbit preparation, 4-bit base, HF Trainer;
                same model, examples, LoRA shape, batch and learning rate
   generation   utils.load_chat_model(base=True): time to first token for a 100-token question and
-               decode tokens/s over 128 new tokens with the KV cache
+               decode tokens/s over 128 new tokens with the KV cache, on the engine `inference`
+               uses (utils.CpuDecoder on a CPU) and on transformers' generate() with the 4-bit model
   generation_gguf  the same on llama.cpp (`inference --gguf`): F16 and Q8_0 files of the same base
                (utils.write_gguf) and the bundled Q4_1; skipped when llama-cpp-python is missing
   phi4_mini_shape  (CUDA only) the project workload on random weights shaped like
@@ -415,11 +416,34 @@ def question_prompt(tokenizer, system_prompt: str) -> tuple[str, int]:
 
 
 def workload_generation(opts) -> dict:
-    """The project's chat model (utils.load_chat_model, untuned base), greedy, KV cache on."""
+    """The project's chat engine (utils.load_chat_model, untuned base), greedy, KV cache on: the
+    CpuDecoder that `inference` uses on a CPU (top-level figures), and transformers' generate() on
+    the 4-bit model (`generation.engine: transformers`, and any GPU) under "formats"."""
     import torch
     cfg = bench_config(opts.model, tempfile.mkdtemp(prefix="bench-gen-"), 1, opts.set)
     model, tokenizer, run_cfg, _ = utils.load_chat_model(cfg, base=True)
+    greedy = dataclasses.replace(run_cfg, generation=dataclasses.replace(
+        run_cfg.generation, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0))
     prompt, question_tokens = question_prompt(tokenizer, run_cfg.data.system_prompt)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    new = opts.new_tokens
+    bytes_per_token = weight_bytes_per_token(model)  # before the first forward repacks any weights
+    hw = utils.pick_hardware(cfg.model.quantization)
+    decoder = utils.cpu_decoder_for_chat(model, hw, greedy)  # before any forward, as chat builds it
+    rows = {}
+    if decoder is not None:
+        def decode(n: int) -> tuple[float, float]:
+            start, first = time.perf_counter(), None
+            for i, _ in enumerate(utils.decoder_tokens(decoder, ids, greedy), 1):  # never stops on its own
+                first = first or time.perf_counter() - start
+                if i == n:
+                    return first, time.perf_counter() - start
+        decode(4)  # warm-up
+        ttft, total = min((decode(1) for _ in range(2)))[0], decode(new)[1]
+        rows["float16 CPU decoder"] = {"ttft_s": round(ttft, 3), "decode_tokens_per_s": round((new - 1) / max(total - ttft, 1e-9), 1),
+                                       "weight_bytes_per_token": decoder.weight_bytes,
+                                       "weight_format": "float16 (FBGEMM), float32 activations"}
+        del decoder
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     kwargs = dict(do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id)
 
@@ -432,19 +456,18 @@ def workload_generation(opts) -> dict:
         assert out.shape[1] - inputs["input_ids"].shape[1] == n
         return time.perf_counter() - start
 
-    new = opts.new_tokens
-    bytes_per_token = weight_bytes_per_token(model)  # before the first forward repacks any weights
     generate(4)  # warm-up: kernels, caches, bitsandbytes' CPU repack
     ttft = min(generate(1) for _ in range(2))
     full = generate(new)
     # chat keeps bitsandbytes' repacked AVX-512 BF16 CPU kernel (training turns it off: PITFALLS)
     fast_kernel = any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
-    return {"workload": "generation", "bnb_cpu_fast_kernel": fast_kernel, "prompt_tokens": int(inputs["input_ids"].shape[1]),
-            "question_tokens": question_tokens, "new_tokens": new, "ttft_s": round(ttft, 3),
-            "decode_tokens_per_s": round((new - 1) / max(full - ttft, 1e-9), 1),
-            "weight_bytes_per_token": bytes_per_token, "weight_format": f"{utils.pick_hardware(cfg.model.quantization).quantization} base, "
-            f"LM head {str(model.get_output_embeddings().weight.dtype).replace('torch.', '')}",
-            "peak_memory_mb": round(peak_rss_mb(), 1)}
+    rows["transformers generate"] = {
+        "ttft_s": round(ttft, 3), "decode_tokens_per_s": round((new - 1) / max(full - ttft, 1e-9), 1),
+        "weight_bytes_per_token": bytes_per_token, "bnb_cpu_fast_kernel": fast_kernel,
+        "weight_format": f"{hw.quantization} base, LM head {str(model.get_output_embeddings().weight.dtype).replace('torch.', '')}"}
+    engine = next(iter(rows))  # what `inference` uses here
+    return {"workload": "generation", "engine": engine, "prompt_tokens": len(ids), "question_tokens": question_tokens,
+            "new_tokens": new, **rows[engine], "formats": rows, "peak_memory_mb": round(peak_rss_mb(), 1)}
 
 
 def gguf_bytes_per_token(path: Path) -> int:
@@ -618,18 +641,17 @@ def print_table(results: dict) -> None:
             print(f"{name:<16}{r['real_tokens_per_s']:>11.1f}{r['examples_per_s']:>7.2f}"
                   f"{100 * r['padding_fraction']:>7.1f}{100 * r['mfu']:>6.1f}%{r['peak_memory_mb']:>9.0f}"
                   f"{r['eval_loss_answer_tokens']:>11.4f}{100 * r['checkpointed_layers']:>11.0f}%")
-    if "generation" in w:
-        g = w["generation"]
-        print(f"generation:   TTFT {g['ttft_s']:.3f} s ({g['prompt_tokens']} prompt tokens); decode "
-              f"{g['decode_tokens_per_s']:.1f} tok/s = {100 * g['decode_fraction_of_bound']:.1f}% of the "
-              f"bandwidth bound {g['decode_bound_tokens_per_s']:.0f} tok/s ({g['weight_bytes_per_token'] / 1e6:.0f} MB/token)")
+    rows = {name: g for name, g in w.get("generation", {}).get("formats", {}).items()}
     gg = w.get("generation_gguf", {})
-    if "skipped" in gg:
-        print(f"llama.cpp:    not measured: {gg['skipped']}")
-    for kind, g in gg.get("formats", {}).items():
-        print(f"llama.cpp {kind:<15} TTFT {g['ttft_s']:.3f} s; decode {g['decode_tokens_per_s']:.1f} tok/s = "
+    rows.update({f"llama.cpp {kind}": g for kind, g in gg.get("formats", {}).items()})
+    if rows:
+        print(f"generation ({w.get('generation', gg).get('prompt_tokens')} prompt tokens)")
+    for name, g in rows.items():
+        print(f"  {name:<26} TTFT {g['ttft_s']:.3f} s; decode {g['decode_tokens_per_s']:.1f} tok/s = "
               f"{100 * g['decode_fraction_of_bound']:.1f}% of the bound {g['decode_bound_tokens_per_s']:.0f} tok/s "
               f"({g['weight_bytes_per_token'] / 1e6:.0f} MB/token)")
+    if "skipped" in gg:
+        print(f"llama.cpp:    not measured: {gg['skipped']}")
     refs = results["references"]
     print("hardware:     " + "; ".join(f"bf16 {r['gemm_bf16_gflops']:.0f} / fp32 {r['gemm_fp32_gflops']:.0f} "
                                        f"GFLOP/s, {r['mem_read_gbs']:.1f} GB/s, load {r['load_avg_1min']} at {r['at']}" for r in refs))

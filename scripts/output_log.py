@@ -54,16 +54,17 @@ QUESTIONS = [
 def main(argv: list[str]) -> int:
     config = argv[0] if argv else "config.yaml"
     cfg = utils.load_config(config)
-    model, tokenizer, run_cfg, label = utils.load_chat_model(cfg)
+    engine = utils.load_chat_engine(cfg)  # what `python main.py inference` answers with here
+    run_cfg = engine.cfg
 
     def generate(history, check, out):
-        text, ended = utils.generate_answer(model, tokenizer, history, run_cfg)
+        text, ended = engine.answer(history, run_cfg)
         return text, ended, ""
 
     lines = ["# Example inference log", "",
-             f"Real output of `python main.py inference` on **{label}**, the model `make train` produces with "
+             f"Real output of `python main.py inference` on **{engine.label}**, the model `make train` produces with "
              f"the default `config.yaml`, on {time.strftime('%Y-%m-%d')} ({utils.pick_hardware('4bit').device}, "
-             f"greedy decoding). None of these questions is in `data/`. Regenerate with `make output-log`.", "",
+             f"{engine.name}, greedy decoding). None of these questions is in `data/`. Regenerate with `make output-log`.", "",
              "Each answer passed through the safety layer: the question screen (emergency -> emergency message, "
              "dangerous -> refusal, otherwise the model answers), the answer check, and the disclaimer. "
              "**The model's medical answers contain factual errors**: each is followed by reference points "

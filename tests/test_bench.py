@@ -18,7 +18,10 @@ TRAINING_FIELDS = {"steps_timed": int, "warmup_steps": int, "seconds": float, "e
                    "compute_dtype": str, "reference": dict}
 GENERATION_FIELDS = {"prompt_tokens": int, "question_tokens": int, "new_tokens": int, "ttft_s": float,
                      "decode_tokens_per_s": float, "weight_bytes_per_token": int, "decode_bound_tokens_per_s": float,
-                     "decode_fraction_of_bound": float, "weight_format": str, "peak_memory_mb": float}
+                     "decode_fraction_of_bound": float, "weight_format": str, "peak_memory_mb": float,
+                     "engine": str, "formats": dict}
+ENGINE_FIELDS = {"ttft_s": float, "decode_tokens_per_s": float, "weight_bytes_per_token": int, "weight_format": str,
+                 "decode_bound_tokens_per_s": float, "decode_fraction_of_bound": float}
 GGUF_FIELDS = {"ttft_s": float, "decode_tokens_per_s": float, "weight_bytes_per_token": int, "threads": int,
                "decode_bound_tokens_per_s": float, "decode_fraction_of_bound": float}
 REFERENCE_FIELDS = ("gemm_bf16_gflops", "gemm_fp32_gflops", "mem_read_gbs")
@@ -58,8 +61,16 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
     assert w["seed_recipe"]["computed_positions"] >= w["project"]["computed_positions"]
     assert w["seed_recipe"]["checkpointed_layers"] == 1.0 and w["recompute_all"]["checkpointed_layers"] == 1.0
     assert w["project"]["checkpointed_layers"] == 0.0
-    check(w["generation"], GENERATION_FIELDS, "generation")
-    assert w["generation"]["new_tokens"] > 1 and isinstance(w["generation"]["bnb_cpu_fast_kernel"], bool)
+    g = w["generation"]
+    check(g, GENERATION_FIELDS, "generation")
+    # on a CPU, `inference` decodes with the CpuDecoder; generate() on the 4-bit model is measured beside it
+    assert g["new_tokens"] > 1 and g["engine"] == "float16 CPU decoder"
+    assert set(g["formats"]) == {"float16 CPU decoder", "transformers generate"}
+    for name, row in g["formats"].items():
+        check(row, ENGINE_FIELDS, f"generation.{name}")
+    assert isinstance(g["formats"]["transformers generate"]["bnb_cpu_fast_kernel"], bool)
+    assert g["decode_fraction_of_bound"] == g["formats"]["float16 CPU decoder"]["decode_fraction_of_bound"]
+    assert "float16 CPU decoder" in proc.stdout and "transformers generate" in proc.stdout
     # llama.cpp (a test dependency) on the F16 and Q8_0 files of the same tiny base; no bundled Q4_1 in smoke
     gg = w["generation_gguf"]
     assert set(gg["formats"]) == {"f16", "q8_0"} and gg["new_tokens"] > 1 and gg["prompt_tokens"] > 0
