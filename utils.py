@@ -2284,7 +2284,12 @@ def interactive(answer, label: str, cfg: Config) -> None:
             continue
         history.append({"role": "user", "content": line})
         print("Assistant: ", end="", flush=True)
-        turn = answer(history, out=sys.stdout)  # streams the answer itself
+        try:
+            turn = answer(history, out=sys.stdout)  # streams the answer itself
+        except UserError as exc:  # e.g. a question longer than llama.cpp's context: say so, keep the session
+            print(f"\n[{exc}]\n", flush=True)
+            history.pop()
+            continue
         if turn["ended"] == "interrupted":
             print("\n[answer stopped]", end="")
         if turn["answer"] != turn["text"]:  # the disclaimer, printed after the streamed text

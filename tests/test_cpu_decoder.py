@@ -13,12 +13,19 @@ import utils
 from conftest import tiny_config
 from tiny import build_tiny_model
 
-RUNS = ("smollm2", "phi3", "qwen2")  # Llama, fused q/k/v and gate/up, q/k/v biases
+RUNS = ("smollm2", "phi3", "qwen2", "mistral")  # Llama; fused q/k/v and gate/up; q/k/v biases; Mistral
 
 
 @pytest.fixture(scope="module", params=RUNS)
 def family(request, tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp(request.param) / request.param, family=request.param)
+    if request.param != "mistral":
+        return build_tiny_model(tmp_path_factory.mktemp(request.param) / request.param, family=request.param)
+    # Mistral's weights are named as Llama's: the tiny Llama, declared a Mistral with a 4,096-token window
+    folder = build_tiny_model(tmp_path_factory.mktemp("mistral") / "mistral")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=4096)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 def adapted(folder, quantization="none", sharpen=True):

@@ -119,3 +119,20 @@ def test_bad_adapter_and_output_paths_are_clear_errors(trained, tmp_path, capsys
     assert main.main(["inference", str(trained), "--question", "hi", "--output", str(tmp_path / "no" / "a.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "cannot write there" in err and "Traceback" not in err
+
+
+def test_an_error_in_one_turn_keeps_the_session(monkeypatch, capsys):
+    """A turn that cannot be answered (a question longer than llama.cpp's context) is reported
+    and the session goes on with the conversation as it was before that question."""
+    questions = iter(["a very long question", "a short one", "quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(questions))
+    seen = []
+
+    def answer(history, out=None):
+        seen.append([m["content"] for m in history])
+        if history[-1]["content"].startswith("a very long"):
+            raise utils.UserError("the conversation is 5000 tokens, more than llama.cpp's context of 2048")
+        return {"answer": "Rest.", "text": "Rest.", "ended": "eos"}
+    utils.interactive(answer, "test model", utils.config_from_dict({}))
+    assert "more than llama.cpp's context" in capsys.readouterr().out
+    assert seen == [["a very long question"], ["a short one"]]
