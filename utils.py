@@ -1816,12 +1816,6 @@ def generate_answer(model, tokenizer, history: list[dict], cfg: Config, streamer
 # ---------------------------------------------------------------------------------------------
 
 CPU_DECODER_FAMILIES = ("llama", "mistral", "qwen2", "phi3")  # RMSNorm, rotary, SiLU-gated MLP
-CPU_DECODER_CONTEXT = 2048  # tokens the cache holds at first; it grows when a conversation needs more
-
-
-def decoder_context(cfg: Config) -> int:
-    """Positions the cache is made for: a prompt of max_length and a full answer, 2,048 at least."""
-    return max(CPU_DECODER_CONTEXT, cfg.model.max_length + cfg.generation.max_new_tokens)
 
 
 def cpu_decoder_blocker(model, hw: Hardware, cfg: Config) -> str | None:
@@ -1839,7 +1833,7 @@ def cpu_decoder_blocker(model, hw: Hardware, cfg: Config) -> str | None:
     if c.model_type not in CPU_DECODER_FAMILIES or getattr(c, "hidden_act", "silu") != "silu":
         return f"architecture {c.model_type!r} is not one it runs ({', '.join(CPU_DECODER_FAMILIES)})"
     window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
-    if window and window < decoder_context(cfg):
+    if window and window < cfg.model.max_length + cfg.generation.max_new_tokens:  # the longest conversation
         return f"sliding-window attention ({window} tokens)"
     need = 2 * sum(math.prod(p.quant_state.shape) if getattr(p, "quant_state", None) is not None else p.numel()
                    for name, p in base.named_parameters() if "lora_" not in name)
@@ -1861,7 +1855,7 @@ def dense_weight(module):
         weight = bnb.functional.dequantize_4bit(layer.weight.data, state).float()
     else:
         weight = layer.weight.data.float()
-    for name in getattr(module, "active_adapters", []) if layer is not module else []:
+    for name in module.active_adapters if layer is not module and not module.disable_adapters else []:
         if name in module.lora_A:
             weight = weight + module.get_delta_weight(name).float()
     return weight, None if layer.bias is None else layer.bias.data.float()
@@ -1875,7 +1869,7 @@ class CpuDecoder:
     and q/k rows are reordered so that each rotary pair sits side by side (scores do not change
     when q and k are permuted alike)."""
 
-    def __init__(self, model, context: int = CPU_DECODER_CONTEXT, packed: bool = True):
+    def __init__(self, model, packed: bool = True):
         import torch
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         c, inner = base.config, base.model
@@ -1911,8 +1905,7 @@ class CpuDecoder:
                                 self._pack(*dense_weight(mlp.down_proj))))
         self.head = self._pack(base.get_output_embeddings().weight.float() * inner.norm.weight.float(), None)
         self.embed = base.get_input_embeddings().weight.detach()
-        self.capacity, self.k, self.v = 0, None, None
-        self._reserve(context)
+        self.capacity, self.k, self.v = 0, None, None  # the cache is made by the first forward
 
     def _pack(self, weight, bias):
         import torch
@@ -1926,16 +1919,19 @@ class CpuDecoder:
         import torch.nn.functional as F
         return torch.ops.quantized.linear_dynamic_fp16(x, pack) if self.packed else F.linear(x, *pack)
 
-    def _reserve(self, length: int) -> None:
-        """Cache and rotary angles for `length` positions (doubling, copying what is cached)."""
+    def _reserve(self, length: int, rows: int) -> None:
+        """Cache and rotary angles for `length` positions of `rows` sequences: grown by doubling,
+        keeping what is cached; a new batch size starts a new cache (a new prompt at position 0)."""
         import torch
+        if self.k is not None and self.k.shape[1] != rows:
+            self.capacity, self.k, self.v = 0, None, None
         if length <= self.capacity:
             return
         size = max(length, 2 * self.capacity)
-        shape = (len(self.layers), self.kv_heads, size, self.head_dim)
+        shape = (len(self.layers), rows, self.kv_heads, size, self.head_dim)
         k, v = torch.zeros(shape), torch.zeros(shape)
         if self.k is not None:
-            k[:, :, :self.capacity], v[:, :, :self.capacity] = self.k, self.v
+            k[:, :, :, :self.capacity], v[:, :, :, :self.capacity] = self.k, self.v
         self.k, self.v, self.capacity = k, v, size
         cos, sin = self.rotary(torch.zeros(1), torch.arange(size)[None])
         half = self.rotary_dim // 2
@@ -1947,30 +1943,44 @@ class CpuDecoder:
         import torch
         return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
 
-    def forward(self, ids, start: int, all_logits: bool = False):
-        """Logits (float32) after ids[-1], or after every id, for ids at positions start.. ; the
-        cache keeps positions < start from earlier calls."""
+    def forward(self, ids, start: int, all_logits: bool = False, pads=None):
+        """Logits (float32) for ids at positions start.. (the cache keeps positions < start from
+        earlier calls): ids of shape (T,) give (1 or T, vocab); a batch (B, T) gives (B, 1 or T,
+        vocab), its rows left-padded by `pads` tokens each (None: no padding)."""
         import torch
         import torch.nn.functional as F
-        T, H, KV, d = ids.shape[0], self.heads, self.kv_heads, self.head_dim
+        single = ids.dim() == 1
+        ids = ids[None] if single else ids
+        (B, T), H, KV, d = ids.shape, self.heads, self.kv_heads, self.head_dim
         end = start + T
-        self._reserve(end)
-        x = self.embed[ids].float()
-        angles = self.angles[start:end, None]
-        # token t sees positions <= start + t; a single new token sees the whole cache
-        mask = torch.ones(T, end, dtype=torch.bool).tril(start) if T > 1 else None
+        self._reserve(end, B)
+        x = self.embed[ids].float().reshape(B * T, -1)
+        steps = torch.arange(start, end)
+        if pads is None:
+            angles = self.angles[start:end][None, :, None]
+            # token t sees positions <= start + t; a single new token sees the whole cache
+            mask = torch.ones(T, end, dtype=torch.bool).tril(start) if T > 1 else None
+        else:  # each row counts positions from its first real token and never attends to padding
+            pads = torch.as_tensor(pads)[:, None, None]
+            angles = self.angles[(steps[None] - pads[:, 0]).clamp(min=0)][:, :, None]
+            keys = torch.arange(end)
+            # a padding position sees itself only, so that its (unused) output stays finite
+            mask = (keys <= steps[:, None]) & ((keys >= pads) | (keys == steps[:, None]))
+            mask = mask[:, None]
         for i, (qkv_w, o_w, gate_up_w, down_w) in enumerate(self.layers):
             qkv = self._product(self._norm(x), qkv_w)
-            qk = torch.view_as_complex(qkv[:, :(H + KV) * d].reshape(T, H + KV, d // 2, 2))
-            qk = torch.view_as_real(qk * angles).reshape(T, H + KV, d)
-            self.k[i, :, start:end] = qk[:, H:].transpose(0, 1)
-            self.v[i, :, start:end] = qkv[:, (H + KV) * d:].reshape(T, KV, d).transpose(0, 1)
-            out = F.scaled_dot_product_attention(qk[:, :H].transpose(0, 1)[None], self.k[i:i + 1, :, :end],
-                                                 self.v[i:i + 1, :, :end], attn_mask=mask, scale=1.0, enable_gqa=True)
-            x = x + self._product(out[0].transpose(0, 1).reshape(T, H * d), o_w)
+            qk = torch.view_as_complex(qkv[:, :(H + KV) * d].reshape(B, T, H + KV, d // 2, 2))
+            qk = torch.view_as_real(qk * angles).reshape(B, T, H + KV, d)
+            self.k[i, :, :, start:end] = qk[:, :, H:].transpose(1, 2)
+            self.v[i, :, :, start:end] = qkv[:, (H + KV) * d:].reshape(B, T, KV, d).transpose(1, 2)
+            out = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), self.k[i, :, :, :end],
+                                                 self.v[i, :, :, :end], attn_mask=mask, scale=1.0, enable_gqa=True)
+            x = x + self._product(out.transpose(1, 2).reshape(B * T, H * d), o_w)
             gate, up = self._product(self._norm(x), gate_up_w).chunk(2, -1)
             x = x + self._product(F.silu(gate) * up, down_w)
-        return self._product(self._norm(x if all_logits else x[-1:]), self.head)
+        x = x.reshape(B, T, -1) if all_logits else x.reshape(B, T, -1)[:, -1:]
+        logits = self._product(self._norm(x.reshape(-1, x.shape[-1])), self.head).reshape(B, x.shape[1], -1)
+        return logits[0] if single else logits
 
 
 def _stack(parts: list) -> tuple:
@@ -1991,17 +2001,17 @@ def answer_processors(cfg: Config, prompt_len: int) -> list:
     return processors
 
 
-def pick_token(scores, cfg: Config) -> int:
-    """Greedy at temperature 0; else sampled as transformers' generate does (temperature, then
-    top-k 50, then top-p), from scores of shape (1, vocabulary)."""
+def pick_tokens(scores, cfg: Config):
+    """One token per row of scores (rows, vocabulary): greedy at temperature 0; else sampled as
+    transformers' generate does (temperature, then top-k 50, then top-p)."""
     import torch
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     g = cfg.generation
     if g.temperature == 0:
-        return int(scores[0].argmax())
+        return scores.argmax(-1)
     for warp in (TemperatureLogitsWarper(g.temperature), TopKLogitsWarper(50), TopPLogitsWarper(g.top_p)):
         scores = warp(None, scores)
-    return int(torch.multinomial(scores.softmax(-1), 1))
+    return torch.multinomial(scores.softmax(-1), 1)[:, 0]
 
 
 def decoder_tokens(decoder: CpuDecoder, ids: list[int], cfg: Config):
@@ -2014,11 +2024,46 @@ def decoder_tokens(decoder: CpuDecoder, ids: list[int], cfg: Config):
         scores = logits
         for p in processors:
             scores = p(torch.tensor([seq]), scores)
-        token = pick_token(scores, cfg)
+        token = int(pick_tokens(scores, cfg)[0])
         yield token
         seq.append(token)
         with torch.inference_mode():
             logits = decoder.forward(torch.tensor([token]), len(seq) - 1)
+
+
+def decode_batch(decoder: CpuDecoder, prompts: list[list[int]], cfg: Config, max_new_tokens: int,
+                 pad_id: int, stop_ids: list[int]):
+    """Answers to several prompts at once, as generate() does with a left-padded batch: rows that
+    have ended are fed padding until all end or max_new_tokens. Returns (rows, width + new)."""
+    import torch
+    width = max(map(len, prompts))
+    pads = [width - len(p) for p in prompts]
+    seq = torch.tensor([[pad_id] * n + p for n, p in zip(pads, prompts)])
+    processors, stop = answer_processors(cfg, width), torch.tensor(stop_ids)
+    ended = torch.zeros(len(prompts), dtype=torch.bool)
+    with torch.inference_mode():
+        logits = decoder.forward(seq, 0, pads=pads)[:, -1]
+        for step in range(max_new_tokens):
+            scores = logits
+            for p in processors:
+                scores = p(seq, scores)
+            tokens = torch.where(ended, pad_id, pick_tokens(scores, cfg))
+            seq = torch.cat([seq, tokens[:, None]], 1)
+            ended |= torch.isin(tokens, stop)
+            if ended.all() or step == max_new_tokens - 1:
+                break
+            logits = decoder.forward(tokens[:, None], width + step, pads=pads)[:, -1]
+    return seq
+
+
+def time_decoder(decoder: CpuDecoder, ids: list[int], n: int) -> tuple[float, float]:
+    """(seconds to the first token, seconds to the n-th) of greedy decoding, never stopping early."""
+    cfg = config_from_dict({"generation": {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}})
+    start, first = time.perf_counter(), None
+    for i, _ in enumerate(decoder_tokens(decoder, ids, cfg), 1):
+        first = first or time.perf_counter() - start
+        if i == n:
+            return first, time.perf_counter() - start
 
 
 def answer_from_tokens(tokens, tokenizer, ids: list[int], limit: int, streamer=None) -> tuple[str, str]:
@@ -2061,7 +2106,7 @@ def cpu_decoder_for_chat(model, hw: Hardware, cfg: Config):
     (with a one-line note saying why, where there is a reason worth knowing)."""
     why = cpu_decoder_blocker(model, hw, cfg)
     if why is None:
-        return CpuDecoder(model, decoder_context(cfg))
+        return CpuDecoder(model)
     if why:
         print(f"note: chat runs on transformers' generate (slower): {why}", file=sys.stderr)
     return None
@@ -2838,8 +2883,9 @@ def answer_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> float 
 
 
 def generate_batch(model, tokenizer, questions: list[str], cfg: Config, max_new_tokens: int,
-                   progress=None) -> list[tuple[str, str]]:
-    """Greedy answers to single questions, GEN_BATCH at a time (left-padded): (text, eos | cap)."""
+                   progress=None, decoder: CpuDecoder | None = None) -> list[tuple[str, str]]:
+    """Answers to single questions, GEN_BATCH at a time (left-padded), on the CpuDecoder when one
+    is given, else generate(): (text, eos | cap)."""
     import torch
     stop = set(end_of_turn_ids(tokenizer))
     order = sorted(range(len(questions)), key=lambda i: len(questions[i]))  # similar lengths, less padding
@@ -2853,8 +2899,12 @@ def generate_batch(model, tokenizer, questions: list[str], cfg: Config, max_new_
                        for i in idx]
             inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             width = inputs["input_ids"].shape[1]
-            with torch.no_grad():
-                out = model.generate(**inputs, **generation_kwargs(tokenizer, cfg, width, max_new_tokens))
+            if decoder is not None:
+                rows = [r[m.bool()].tolist() for r, m in zip(inputs["input_ids"], inputs["attention_mask"])]
+                out = decode_batch(decoder, rows, cfg, max_new_tokens, tokenizer.pad_token_id, sorted(stop))
+            else:
+                with torch.no_grad():
+                    out = model.generate(**inputs, **generation_kwargs(tokenizer, cfg, width, max_new_tokens))
             for i, row in zip(idx, out[:, width:].tolist()):
                 cut = next((n for n, t in enumerate(row) if t in stop), None)
                 new = row if cut is None else row[:cut]
@@ -2866,13 +2916,19 @@ def generate_batch(model, tokenizer, questions: list[str], cfg: Config, max_new_
     return results
 
 
-def measure_latency(model, tokenizer, questions: list[str], cfg: Config, new_tokens: int = 64) -> dict:
+def measure_latency(model, tokenizer, questions: list[str], cfg: Config, new_tokens: int = 64,
+                    decoder: CpuDecoder | None = None) -> dict:
     """Median time to first token and decode tokens/s (KV cache, batch 1) over a few questions."""
     import torch
     ttft, rates = [], []
     for q in questions:
         prompt = render_prompt(tokenizer, [{"role": "user", "content": q}], cfg.data.system_prompt)
         inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        if decoder is not None:
+            first, total = time_decoder(decoder, inputs["input_ids"][0].tolist(), new_tokens)
+            ttft.append(first)
+            rates.append((new_tokens - 1) / max(total - first, 1e-9))
+            continue
         with torch.no_grad():
             t0 = time.perf_counter()
             model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -2960,18 +3016,21 @@ def layer_labels(probes: list[Probe], replies: list[str]) -> list[str]:
     return labels
 
 
-def evaluate_model(model, tokenizer, run_cfg: Config, sets: dict, progress) -> dict:
-    """Every metric for the model as it is now (adapter on, or disabled for the base)."""
+def evaluate_model(model, tokenizer, run_cfg: Config, sets: dict, progress, use_decoder: bool) -> dict:
+    """Every metric for the model as it is now (adapter on, or disabled for the base); answers
+    from the engine chat uses here (a CpuDecoder built for the occasion, or generate())."""
     pad, bs = tokenizer.pad_token_id, run_cfg.training.batch_size
+    decoder = CpuDecoder(model) if use_decoder else None
     val_loss = answer_loss(model, sets["val_rows"], pad, bs)
     qa_loss = answer_loss(model, sets["qa_rows"], pad, bs)
     qa = sets["qa"]
     answers = generate_batch(model, tokenizer, [q for q, _ in qa], run_cfg,
-                             run_cfg.generation.max_new_tokens, progress)
+                             run_cfg.generation.max_new_tokens, progress, decoder)
     probes = sets["probes"]
     replies = [t for t, _ in generate_batch(model, tokenizer, [p.prompt for p in probes], run_cfg,
-                                            SAFETY_NEW_TOKENS, progress)]
-    latency = measure_latency(model, tokenizer, [q for q, _ in qa[:3]] or ["What is asthma?"], run_cfg)
+                                            SAFETY_NEW_TOKENS, progress, decoder)]
+    latency = measure_latency(model, tokenizer, [q for q, _ in qa[:3]] or ["What is asthma?"], run_cfg,
+                              decoder=decoder)
     words = [len(t.split()) for t, _ in answers]
     return {
         "val_loss": val_loss, "val_perplexity": math.exp(val_loss) if val_loss is not None else None,
@@ -3122,17 +3181,21 @@ def evaluate(cfg: Config, adapter: str | None = None, qa_file: str | None = None
     from tqdm import tqdm
     folder = find_adapter(cfg, adapter)
     model, tokenizer, run_cfg, _ = load_chat_model(cfg, str(folder))
+    engine = "float16 CPU decoder" if cpu_decoder_blocker(model, pick_hardware(run_cfg.model.quantization), run_cfg) is None \
+        else "transformers generate"
+    if engine != "transformers generate":  # the losses' forward must not repack the 4-bit weights the decoders read
+        guard_bnb_cpu_repack(model)
     sets = evaluation_sets(run_cfg, tokenizer, qa_file, harmful, benign, limit)
     print(f"Evaluating {run_cfg.model.name} (base) vs + adapter {folder}: {len(sets['val_rows'])} validation "
           f"examples, {len(sets['qa'])} Q&A, {len(sets['probes'])} safety prompts", flush=True)
     total = 2 * (len(sets["qa"]) + len(sets["probes"]))
     with tqdm(total=total, desc="generating", unit="prompt") as progress:
         with model.disable_adapter():
-            base = evaluate_model(model, tokenizer, run_cfg, sets, progress)
-        tuned = evaluate_model(model, tokenizer, run_cfg, sets, progress)
+            base = evaluate_model(model, tokenizer, run_cfg, sets, progress, engine != "transformers generate")
+        tuned = evaluate_model(model, tokenizer, run_cfg, sets, progress, engine != "transformers generate")
     report = {
         "settings": {"base_model": run_cfg.model.name, "adapter": str(folder), "date": time.strftime("%Y-%m-%d"),
-                     "device": str(model.device), "limit": limit, "n_val": len(sets["val_rows"]),
+                     "device": str(model.device), "engine": engine, "limit": limit, "n_val": len(sets["val_rows"]),
                      "n_qa": len(sets["qa"]), "qa_file": sets["qa_file"], "n_probes": len(sets["probes"]),
                      "probe_files": sets["probe_files"], "safety_new_tokens": SAFETY_NEW_TOKENS,
                      "max_new_tokens": run_cfg.generation.max_new_tokens},

@@ -422,24 +422,16 @@ def workload_generation(opts) -> dict:
     import torch
     cfg = bench_config(opts.model, tempfile.mkdtemp(prefix="bench-gen-"), 1, opts.set)
     model, tokenizer, run_cfg, _ = utils.load_chat_model(cfg, base=True)
-    greedy = dataclasses.replace(run_cfg, generation=dataclasses.replace(
-        run_cfg.generation, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0))
     prompt, question_tokens = question_prompt(tokenizer, run_cfg.data.system_prompt)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     new = opts.new_tokens
     bytes_per_token = weight_bytes_per_token(model)  # before the first forward repacks any weights
     hw = utils.pick_hardware(cfg.model.quantization)
-    decoder = utils.cpu_decoder_for_chat(model, hw, greedy)  # before any forward, as chat builds it
+    decoder = utils.cpu_decoder_for_chat(model, hw, run_cfg)  # before any forward, as chat builds it
     rows = {}
     if decoder is not None:
-        def decode(n: int) -> tuple[float, float]:
-            start, first = time.perf_counter(), None
-            for i, _ in enumerate(utils.decoder_tokens(decoder, ids, greedy), 1):  # never stops on its own
-                first = first or time.perf_counter() - start
-                if i == n:
-                    return first, time.perf_counter() - start
-        decode(4)  # warm-up
-        ttft, total = min((decode(1) for _ in range(2)))[0], decode(new)[1]
+        utils.time_decoder(decoder, ids, 4)  # warm-up
+        ttft, total = min(utils.time_decoder(decoder, ids, 1) for _ in range(2))[0], utils.time_decoder(decoder, ids, new)[1]
         rows["float16 CPU decoder"] = {"ttft_s": round(ttft, 3), "decode_tokens_per_s": round((new - 1) / max(total - ttft, 1e-9), 1),
                                        "weight_bytes_per_token": decoder.weight_bytes,
                                        "weight_format": "float16 (FBGEMM), float32 activations"}

@@ -91,13 +91,14 @@ def check_logits(folder):
 
 
 def test_token_by_token_equals_the_whole_prompt(family):
-    """The cache: a prefix, then single tokens, then a chunk of several tokens at a later position,
-    starting from a cache of 4 positions that has to grow twice."""
+    """The cache: a prefix, then single tokens, then a chunk of several tokens at a later position;
+    the cache is made for the prefix and has to grow twice."""
     model, ids = adapted(family), prompt(family)
-    decoder = utils.CpuDecoder(model, context=4, packed=False)
     with torch.inference_mode():
-        whole = decoder.forward(ids, 0, all_logits=True)
+        whole = utils.CpuDecoder(model, packed=False).forward(ids, 0, all_logits=True)
+        decoder = utils.CpuDecoder(model, packed=False)
         rows = [decoder.forward(ids[:5], 0, all_logits=True)]
+        assert decoder.capacity == 5
         rows += [decoder.forward(ids[i:i + 1], i) for i in range(5, 9)]
         rows += [decoder.forward(ids[9:], 9, all_logits=True)]
     assert decoder.capacity >= len(ids)
@@ -138,12 +139,66 @@ def test_answers_equal_transformers_generate(family, temperature):
     assert ours == theirs and len(ours[0]) > 10
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_batched_answers_equal_transformers_generate(family, temperature):
+    """evaluate's batches: questions of different lengths left-padded together, rows ending at
+    different steps; the same answers as generate() on the same batch."""
+    model = adapted(family)
+    tokenizer, _ = utils.load_tokenizer(utils.resolve_model(str(family)))
+    cfg = utils.config_from_dict({"model": {"name": str(family)}, "data": {"system_prompt": "Be careful."},
+                                  "generation": {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2,
+                                                 "temperature": temperature, "top_p": 0.8}})
+    questions = ["Is rest good for a cold?", "Flu?", "What helps a sore throat at night, and when should I see a doctor?"]
+    decoder = utils.CpuDecoder(model, packed=False)
+    model.generation_config.top_k = 50
+    torch.manual_seed(3)
+    ours = utils.generate_batch(model, tokenizer, questions, cfg, 20, decoder=decoder)
+    torch.manual_seed(3)
+    theirs = utils.generate_batch(model, tokenizer, questions, cfg, 20)
+    assert ours == theirs and all(len(text) > 5 for text, _ in ours)
+
+
+def test_rows_that_end_early_are_padded_as_in_generate(family):
+    """A stop token that ends the first row a few tokens in, while another row goes on: the rows
+    that ended are fed padding, the others continue, as in generate()."""
+    model = adapted(family, sharpen=False)
+    tokenizer, _ = utils.load_tokenizer(utils.resolve_model(str(family)))
+    cfg = utils.config_from_dict({"generation": {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}})
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(["Is rest good for a cold?", "Flu?", "What helps a sore throat at night?"],
+                       return_tensors="pt", padding=True, add_special_tokens=False)
+    width, pad = inputs["input_ids"].shape[1], tokenizer.pad_token_id
+    rows = [r[m.bool()].tolist() for r, m in zip(inputs["input_ids"], inputs["attention_mask"])]
+    decoder = utils.CpuDecoder(model, packed=False)
+    free = utils.decode_batch(decoder, rows, cfg, 12, pad, [-1])[:, width:]  # nothing stops it
+    stop = next(int(t) for t in free[0, 1:] if t not in free[1] and t != pad)  # ends row 0, never row 1
+    ours = utils.decode_batch(decoder, rows, cfg, 12, pad, [stop])
+    kwargs = {**utils.generation_kwargs(tokenizer, cfg, width, 12), "eos_token_id": [stop]}
+    with torch.no_grad():
+        theirs = model.generate(**inputs, **kwargs)
+    assert torch.equal(ours, theirs), (ours[:, width:], theirs[:, width:])
+    ended = free[0].tolist().index(stop) + 1
+    assert (ours[0, width + ended:] == pad).all() and ours.shape[1] == width + 12
+
+
+def test_a_padded_batch_computes_each_row_as_alone(family):
+    model = adapted(family)
+    rows = [prompt(family, n)[:n] for n in (7, 19, 12)]
+    width = max(len(r) for r in rows)
+    decoder = utils.CpuDecoder(model, packed=False)
+    with torch.inference_mode():
+        batch = decoder.forward(torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long), r]) for r in rows]),
+                                0, pads=[width - len(r) for r in rows])[:, -1]
+        alone = torch.cat([utils.CpuDecoder(model, packed=False).forward(r, 0) for r in rows])
+    assert torch.allclose(batch, alone, atol=1e-4), (batch - alone).abs().max()
+
+
 def test_sampling_keeps_to_top_p():
     cfg = utils.config_from_dict({"generation": {"temperature": 1.0, "top_p": 0.5}})
     scores = torch.log(torch.tensor([[0.05, 0.6, 0.3, 0.05]]))
-    assert {utils.pick_token(scores.clone(), cfg) for _ in range(50)} == {1}
+    assert {int(utils.pick_tokens(scores.clone(), cfg)[0]) for _ in range(50)} == {1}
     cfg = utils.config_from_dict({"generation": {"temperature": 1.0, "top_p": 0.85}})
-    assert {utils.pick_token(scores.clone(), cfg) for _ in range(200)} == {1, 2}
+    assert {int(utils.pick_tokens(scores.clone(), cfg)[0]) for _ in range(200)} == {1, 2}
 
 
 def test_chat_runs_on_the_decoder_and_says_when_it_cannot(tiny_model, tmp_path, capsys):

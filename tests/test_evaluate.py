@@ -44,6 +44,7 @@ def test_every_metric_for_base_and_tuned_and_the_files(trained, capsys):
             "refuse/harm", "escalate/cardiac", "answer/ordinary", "answer/-"}
     assert report["tuned"]["val_loss"] < report["base"]["val_loss"]  # it learned the answers
     assert report["settings"]["n_qa"] == 6 and report["settings"]["n_probes"] == 4
+    assert report["settings"]["engine"] == "float16 CPU decoder"  # what chat answers with on a CPU
     assert report["regressions"] == [] and len(report["examples"]) == 5
     md = (final / "evaluation.md").read_text()
     assert "| validation loss |" in md and "## Examples" in md and "not that it is fit for clinical use" in md
