@@ -1808,11 +1808,12 @@ def generate_answer(model, tokenizer, history: list[dict], cfg: Config, streamer
 
 
 # ---------------------------------------------------------------------------------------------
-# Chat on a CPU without transformers' generate: the adapter merged into the dequantized base,
-# stored in float16, run by a plain decoder loop. bitsandbytes' 4-bit CPU kernel reads weights
-# at ~7 GB/s and transformers adds ~3,000 small operator calls per token (~26 tokens/s here for
-# SmolLM2-135M); FBGEMM's float16-weight products read at 25-45 GB/s with float32 activations and
-# accumulation, so the logits match a float32 merge (README, Performance).
+# Chat (and evaluate) on a CPU without transformers' generate: the adapter merged into the
+# dequantized base, stored in float16, run by a plain decoder loop. bitsandbytes' 4-bit CPU kernel
+# reads weights at ~7 GB/s and transformers adds ~3,000 small operator calls per token (~28
+# tokens/s here for SmolLM2-135M); FBGEMM's float16-weight products read ~25 GB/s with float32
+# activations and accumulation (65-75 tokens/s), and the logits match a float32 merge (README,
+# Performance).
 # ---------------------------------------------------------------------------------------------
 
 CPU_DECODER_FAMILIES = ("llama", "mistral", "qwen2", "phi3")  # RMSNorm, rotary, SiLU-gated MLP
@@ -1862,12 +1863,13 @@ def dense_weight(module):
 
 
 class CpuDecoder:
-    """One sequence at a time through a Llama-style model: per layer RMSNorm, one q/k/v product,
-    rotary position as one complex product, attention over a preallocated cache, one gate/up
-    product. Weights are FBGEMM float16 packs; activations and accumulation float32. The norm
-    weights and the 1/sqrt(head_dim) of attention are folded into the products that follow them,
-    and q/k rows are reordered so that each rotary pair sits side by side (scores do not change
-    when q and k are permuted alike)."""
+    """A sequence (or a left-padded batch) through a Llama-style model: per layer RMSNorm, one
+    q/k/v product, rotary position as one complex product, attention over a cache that grows by
+    doubling, one gate/up product. Weights are FBGEMM float16 packs (float32 as given with
+    packed=False, for tests); activations and accumulation float32. The norm weights and the
+    1/sqrt(head_dim) of attention are folded into the products that follow them, and q/k rows are
+    reordered so that each rotary pair sits side by side (scores do not change when q and k are
+    permuted alike)."""
 
     def __init__(self, model, packed: bool = True):
         import torch
@@ -3394,7 +3396,7 @@ def write_assistant_settings(cfg: Config, path: Path) -> None:
     """The system prompt and safety messages travel with the weights: a bare model without the
     safety layer is not the assistant this project trained."""
     settings = {"system_prompt": cfg.data.system_prompt, "safety": dataclasses.asdict(cfg.safety),
-                "generation": dataclasses.asdict(cfg.generation)}
+                "generation": {k: v for k, v in dataclasses.asdict(cfg.generation).items() if k != "engine"}}  # engine: how this project chats
     path.write_text("# Use with the system prompt below; the refusal and emergency screen lives in the\n"
                     "# medical-llm project's safety layer (python main.py inference), not in the weights.\n"
                     + yaml.safe_dump(settings, sort_keys=False, allow_unicode=True), encoding="utf-8")
