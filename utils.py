@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -2016,46 +2017,51 @@ def pick_tokens(scores, cfg: Config):
     return torch.multinomial(scores.softmax(-1), 1)[:, 0]
 
 
-def decoder_tokens(decoder: CpuDecoder, ids: list[int], cfg: Config):
-    """The answer's tokens, one at a time, from a CpuDecoder (the caller stops the loop)."""
+def left_pad(prompts: list[list[int]], pad_id: int):
+    """(prompts as one tensor padded on the left, padding per row)."""
     import torch
-    processors, seq = answer_processors(cfg, len(ids)), list(ids)
+    width = max(map(len, prompts))
+    pads = [width - len(p) for p in prompts]
+    return torch.tensor([[pad_id] * n + p for n, p in zip(pads, prompts)]), pads
+
+
+def decode_steps(decoder: CpuDecoder, prompts: list[list[int]], cfg: Config, pad_id: int = 0, stop_ids=()):
+    """The next token of every prompt, step by step, picked as generate() picks it (the same
+    processors, greedy or sampled): a generator of (rows,) tensors. Prompts of different lengths
+    are left-padded; a row that has emitted a stop id is fed padding from then on, and the
+    generator ends when every row has (the caller stops it at its token cap)."""
+    import torch
+    seq, pads = left_pad(prompts, pad_id)
+    pads = pads if any(pads) else None
+    processors, stop = answer_processors(cfg, seq.shape[1]), torch.tensor(list(stop_ids), dtype=torch.long)
+    ended = torch.zeros(len(prompts), dtype=torch.bool)
     with torch.inference_mode():
-        logits = decoder.forward(torch.tensor(ids), 0)
+        logits = decoder.forward(seq, 0, pads=pads)[:, -1]
     while True:
         scores = logits
         for p in processors:
-            scores = p(torch.tensor([seq]), scores)
-        token = int(pick_tokens(scores, cfg)[0])
-        yield token
-        seq.append(token)
-        with torch.inference_mode():
-            logits = decoder.forward(torch.tensor([token]), len(seq) - 1)
+            scores = p(seq, scores)
+        tokens = torch.where(ended, pad_id, pick_tokens(scores, cfg))
+        seq = torch.cat([seq, tokens[:, None]], 1)
+        ended |= torch.isin(tokens, stop)
+        yield tokens
+        if ended.all():
+            return
+        with torch.inference_mode():  # only when the caller asks for the next token
+            logits = decoder.forward(tokens[:, None], seq.shape[1] - 1, pads=pads)[:, -1]
+
+
+def decoder_tokens(decoder: CpuDecoder, ids: list[int], cfg: Config):
+    """One conversation's answer tokens, one at a time (the caller stops at a stop id or its cap)."""
+    return (int(tokens[0]) for tokens in decode_steps(decoder, [ids], cfg))
 
 
 def decode_batch(decoder: CpuDecoder, prompts: list[list[int]], cfg: Config, max_new_tokens: int,
                  pad_id: int, stop_ids: list[int]):
-    """Answers to several prompts at once, as generate() does with a left-padded batch: rows that
-    have ended are fed padding until all end or max_new_tokens. Returns (rows, width + new)."""
+    """What generate() returns for a left-padded batch: prompts and answers, (rows, width + new)."""
     import torch
-    width = max(map(len, prompts))
-    pads = [width - len(p) for p in prompts]
-    seq = torch.tensor([[pad_id] * n + p for n, p in zip(pads, prompts)])
-    processors, stop = answer_processors(cfg, width), torch.tensor(stop_ids)
-    ended = torch.zeros(len(prompts), dtype=torch.bool)
-    with torch.inference_mode():
-        logits = decoder.forward(seq, 0, pads=pads)[:, -1]
-        for step in range(max_new_tokens):
-            scores = logits
-            for p in processors:
-                scores = p(seq, scores)
-            tokens = torch.where(ended, pad_id, pick_tokens(scores, cfg))
-            seq = torch.cat([seq, tokens[:, None]], 1)
-            ended |= torch.isin(tokens, stop)
-            if ended.all() or step == max_new_tokens - 1:
-                break
-            logits = decoder.forward(tokens[:, None], width + step, pads=pads)[:, -1]
-    return seq
+    steps = list(itertools.islice(decode_steps(decoder, prompts, cfg, pad_id, stop_ids), max_new_tokens))
+    return torch.cat([left_pad(prompts, pad_id)[0], torch.stack(steps, 1)], 1)
 
 
 def time_decoder(decoder: CpuDecoder, ids: list[int], n: int) -> tuple[float, float]:
