@@ -1942,9 +1942,9 @@ class CpuDecoder:
         angles[:, :half] = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())
         self.angles = angles
 
-    def _norm(self, x):
-        import torch
-        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+    def _norm(self, x):  # the weight is folded into the next product
+        import torch.nn.functional as F
+        return F.rms_norm(x, (x.shape[-1],), None, self.eps)
 
     def forward(self, ids, start: int, all_logits: bool = False, pads=None):
         """Logits (float32) for ids at positions start.. (the cache keeps positions < start from
@@ -1976,9 +1976,14 @@ class CpuDecoder:
             qk = torch.view_as_real(qk * angles).reshape(B, T, H + KV, d)
             self.k[i, :, :, start:end] = qk[:, :, H:].transpose(1, 2)
             self.v[i, :, :, start:end] = qkv[:, (H + KV) * d:].reshape(B, T, KV, d).transpose(1, 2)
-            out = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), self.k[i, :, :, :end],
-                                                 self.v[i, :, :, :end], attn_mask=mask, scale=1.0, enable_gqa=True)
-            x = x + self._product(out.transpose(1, 2).reshape(B * T, H * d), o_w)
+            if B * T == 1:  # one new token: two small products beat SDPA's kernel (~6% of a step here)
+                scores = torch.bmm(qk[0, 0, :H].view(KV, H // KV, d), self.k[i, 0, :, :end].transpose(1, 2))
+                out = torch.bmm(scores.softmax(-1), self.v[i, 0, :, :end]).view(1, H * d)
+            else:
+                out = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), self.k[i, :, :, :end],
+                                                     self.v[i, :, :, :end], attn_mask=mask, scale=1.0, enable_gqa=True)
+                out = out.transpose(1, 2).reshape(B * T, H * d)
+            x = x + self._product(out, o_w)
             gate, up = self._product(self._norm(x), gate_up_w).chunk(2, -1)
             x = x + self._product(F.silu(gate) * up, down_w)
         x = x.reshape(B, T, -1) if all_logits else x.reshape(B, T, -1)[:, -1:]
