@@ -28,11 +28,11 @@ def family(request, tmp_path_factory):
     return folder
 
 
-def adapted(folder, quantization="none", sharpen=True):
+def adapted(folder, quantization="none", sharpen=True, targets="auto"):
     """The tiny model with a LoRA adapter that matters (lora_B non-zero), float32 compute, eval
     mode. A random tiny model attends almost uniformly and spreads its logits little, so q and k
     and the (tied) embedding are scaled up: then positions and attention weights change the logits."""
-    cfg = utils.config_from_dict({"model": {"name": str(folder)}})
+    cfg = utils.config_from_dict({"model": {"name": str(folder)}, "lora": {"target_modules": targets}})
     hw = utils.Hardware("cpu", torch.float32, quantization, "")
     # loaded as for training: attach_lora's layer probes must not switch on bitsandbytes' CPU repack
     model = utils.attach_lora(utils.load_base_model(utils.resolve_model(str(folder)), hw), cfg)
@@ -67,6 +67,16 @@ def test_the_decoder_computes_what_the_model_computes(family):
     model to rounding, in float16 weights within 0.05; the same decoder fed wrong positions is far
     off, so the comparison sees the rotary embedding (measured: 1e-5, 0.006-0.009, 1.8-2.9)."""
     check_logits(family)
+
+
+def test_adapters_on_every_linear_layer_are_merged(family):
+    """lora.target_modules: all-linear puts adapters on the MLP too (fused gate/up on Phi-3)."""
+    model, ids = adapted(family, targets="all-linear"), prompt(family)
+    assert any("mlp" in name and "lora_B" in name for name, _ in model.named_parameters())
+    with torch.inference_mode():
+        gap = logprob_gap(utils.CpuDecoder(model, packed=False).forward(ids, 0, all_logits=True),
+                          model(input_ids=ids[None]).logits[0])
+    assert gap < 1e-4, gap
 
 
 def test_partial_rotary_as_phi4_mini(tmp_path):
