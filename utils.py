@@ -1769,16 +1769,20 @@ def _no_repeat_in_answer(prompt_len: int, n: int):
     return NoRepeatInAnswer()
 
 
+SAMPLING_TOP_K = 50  # transformers' default, set explicitly so every engine samples alike
+
+
 def generation_kwargs(tokenizer, cfg: Config, prompt_len: int, max_new_tokens: int) -> dict:
-    """model.generate() settings from the generation section; stops on every end-of-turn id."""
+    """model.generate() settings from the generation section; stops on every end-of-turn id. The
+    penalties come from answer_processors, as in the other engines; the model's own generation
+    config (some set a repetition penalty or a top-k) is overridden."""
+    from transformers import LogitsProcessorList
     g = cfg.generation
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=end_of_turn_ids(tokenizer),
-                  pad_token_id=tokenizer.pad_token_id, repetition_penalty=g.repetition_penalty)
-    if g.no_repeat_ngram_size:
-        from transformers import LogitsProcessorList
-        kwargs["logits_processor"] = LogitsProcessorList([_no_repeat_in_answer(prompt_len, g.no_repeat_ngram_size)])
+                  pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0,
+                  logits_processor=LogitsProcessorList(answer_processors(cfg, prompt_len)))
     if g.temperature > 0:
-        kwargs.update(do_sample=True, temperature=g.temperature, top_p=g.top_p)
+        kwargs.update(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=SAMPLING_TOP_K)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     return kwargs
@@ -1874,6 +1878,8 @@ class CpuDecoder:
 
     def __init__(self, model, packed: bool = True):
         import torch
+        import torch.nn.functional as F
+        self.rms_norm = F.rms_norm
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         c, inner = base.config, base.model
         first = inner.layers[0].self_attn
@@ -1908,7 +1914,13 @@ class CpuDecoder:
                                 self._pack(*dense_weight(mlp.down_proj))))
         self.head = self._pack(base.get_output_embeddings().weight.float() * inner.norm.weight.float(), None)
         self.embed = base.get_input_embeddings().weight.detach()
-        self.capacity, self.k, self.v = 0, None, None  # the cache is made by the first forward
+        self.k = self.v = None  # the cache is made by the first forward
+        self._product = torch.ops.quantized.linear_dynamic_fp16 if packed else (lambda x, w: F.linear(x, *w))
+
+    @property
+    def capacity(self) -> int:
+        """Positions the cache holds now."""
+        return 0 if self.k is None else self.k.shape[3]
 
     def _pack(self, weight, bias):
         import torch
@@ -1917,17 +1929,12 @@ class CpuDecoder:
             return torch.ops.quantized.linear_prepack_fp16(weight.contiguous(), bias)
         return weight.contiguous(), bias  # float32 as given: tests compare the arithmetic itself
 
-    def _product(self, x, pack):
-        import torch
-        import torch.nn.functional as F
-        return torch.ops.quantized.linear_dynamic_fp16(x, pack) if self.packed else F.linear(x, *pack)
-
     def _reserve(self, length: int, rows: int) -> None:
         """Cache and rotary angles for `length` positions of `rows` sequences: grown by doubling,
         keeping what is cached; a new batch size starts a new cache (a new prompt at position 0)."""
         import torch
         if self.k is not None and self.k.shape[1] != rows:
-            self.capacity, self.k, self.v = 0, None, None
+            self.k = self.v = None
         if length <= self.capacity:
             return
         size = max(length, 2 * self.capacity)
@@ -1935,7 +1942,7 @@ class CpuDecoder:
         k, v = torch.zeros(shape), torch.zeros(shape)
         if self.k is not None:
             k[:, :, :, :self.capacity], v[:, :, :, :self.capacity] = self.k, self.v
-        self.k, self.v, self.capacity = k, v, size
+        self.k, self.v = k, v
         cos, sin = self.rotary(torch.zeros(1), torch.arange(size)[None])
         half = self.rotary_dim // 2
         angles = torch.ones(size, self.head_dim // 2, dtype=torch.complex64)
@@ -1943,8 +1950,7 @@ class CpuDecoder:
         self.angles = angles
 
     def _norm(self, x):  # the weight is folded into the next product
-        import torch.nn.functional as F
-        return F.rms_norm(x, (x.shape[-1],), None, self.eps)
+        return self.rms_norm(x, (x.shape[-1],), None, self.eps)
 
     def forward(self, ids, start: int, all_logits: bool = False, pads=None):
         """Logits (float32) for ids at positions start.. (the cache keeps positions < start from
@@ -1986,7 +1992,7 @@ class CpuDecoder:
             x = x + self._product(out, o_w)
             gate, up = self._product(self._norm(x), gate_up_w).chunk(2, -1)
             x = x + self._product(F.silu(gate) * up, down_w)
-        x = x.reshape(B, T, -1) if all_logits else x.reshape(B, T, -1)[:, -1:]
+        x = x.reshape(B, T, -1)[:, slice(None) if all_logits else slice(-1, None)]
         logits = self._product(self._norm(x.reshape(-1, x.shape[-1])), self.head).reshape(B, x.shape[1], -1)
         return logits[0] if single else logits
 
@@ -2011,13 +2017,13 @@ def answer_processors(cfg: Config, prompt_len: int) -> list:
 
 def pick_tokens(scores, cfg: Config):
     """One token per row of scores (rows, vocabulary): greedy at temperature 0; else sampled as
-    transformers' generate does (temperature, then top-k 50, then top-p)."""
+    transformers' generate does (temperature, then top-k, then top-p)."""
     import torch
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     g = cfg.generation
     if g.temperature == 0:
         return scores.argmax(-1)
-    for warp in (TemperatureLogitsWarper(g.temperature), TopKLogitsWarper(50), TopPLogitsWarper(g.top_p)):
+    for warp in (TemperatureLogitsWarper(g.temperature), TopKLogitsWarper(SAMPLING_TOP_K), TopPLogitsWarper(g.top_p)):
         scores = warp(None, scores)
     return torch.multinomial(scores.softmax(-1), 1)[:, 0]
 
@@ -2212,7 +2218,7 @@ def generate_answer_gguf(llm, tokenizer, history: list[dict], cfg: Config, strea
     g = cfg.generation
     ids = prompt_ids(tokenizer, history, cfg)
     processors = answer_processors(cfg, len(ids))
-    sampling = dict(temp=g.temperature, top_p=g.top_p, top_k=50) if g.temperature > 0 else dict(temp=0.0, top_k=1)
+    sampling = dict(temp=g.temperature, top_p=g.top_p, top_k=SAMPLING_TOP_K) if g.temperature > 0 else dict(temp=0.0, top_k=1)
     if len(ids) >= llm.n_ctx():
         raise UserError(f"the conversation is {len(ids)} tokens, more than llama.cpp's context of {llm.n_ctx()}: "
                         f"ask a shorter question, or raise model.max_length")

@@ -143,7 +143,6 @@ def test_answers_equal_transformers_generate(family, temperature):
     decoder = utils.CpuDecoder(model, packed=False)
     torch.manual_seed(1)
     ours = utils.generate_answer_cpu(decoder, tokenizer, history, cfg)
-    model.generation_config.top_k = 50
     torch.manual_seed(1)
     theirs = utils.generate_answer(model, tokenizer, history, cfg)
     assert ours == theirs and len(ours[0]) > 10
@@ -160,7 +159,6 @@ def test_batched_answers_equal_transformers_generate(family, temperature):
                                                  "temperature": temperature, "top_p": 0.8}})
     questions = ["Is rest good for a cold?", "Flu?", "What helps a sore throat at night, and when should I see a doctor?"]
     decoder = utils.CpuDecoder(model, packed=False)
-    model.generation_config.top_k = 50
     torch.manual_seed(3)
     ours = utils.generate_batch(model, tokenizer, questions, cfg, 20, decoder=decoder)
     torch.manual_seed(3)
