@@ -877,7 +877,12 @@ def load_base_model(source: ModelSource, hw: Hardware, training: bool = True):
     elif hw.quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if hw.device == "cuda":
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+        rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if rank >= gpus:  # CUDA would only say "invalid device ordinal" from deep in the loader
+            raise UserError(f"torchrun started more processes on this machine than it has GPUs ({gpus}): "
+                            f"use `torchrun --nproc_per_node {gpus}`, or CUDA_VISIBLE_DEVICES= "
+                            "to train with CPU processes")
+        kwargs["device_map"] = {"": rank}
     elif hw.device == "cpu" and hw.quantization != "none":
         kwargs["device_map"] = {"": "cpu"}  # bitsandbytes would otherwise pick a GPU if one is present
     model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)

@@ -18,6 +18,12 @@ import utils  # noqa: E402
 from tiny import build_tiny_model  # noqa: E402
 
 SHORT_SYSTEM = "You are a careful medical assistant."
+DECODER, GENERATE = "float16 CPU decoder", "transformers generate"
+
+
+def chat_engine_here() -> str:
+    """What `inference` answers with here by default: the CpuDecoder on a CPU, generate() on a GPU."""
+    return DECODER if utils.pick_hardware("4bit").device == "cpu" else GENERATE
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import yaml
 
 import main
 import utils
-from conftest import tiny_config
+from conftest import GENERATE, chat_engine_here, tiny_config
 from tiny import build_tiny_model
 
 RUNS = ("smollm2", "phi3", "qwen2", "mistral")  # Llama; fused q/k/v and gate/up; q/k/v biases; Mistral
@@ -209,9 +209,10 @@ def test_sampling_keeps_to_top_p():
     assert {int(utils.pick_tokens(scores.clone(), cfg)[0]) for _ in range(200)} == {1, 2}
 
 
-def test_chat_runs_on_the_decoder_and_says_when_it_cannot(tiny_model, tmp_path, capsys):
-    """The default chat on a CPU names the decoder in its rows; `engine: transformers` does not
-    use it; an architecture it does not run (Gemma 2) chats on generate() with a one-line note."""
+def test_chat_runs_on_the_decoder_and_says_when_it_cannot(tiny_model, tmp_path, capsys, monkeypatch):
+    """The default chat on a CPU names the decoder in its rows (a GPU's, generate()); `engine:
+    transformers` does not use it; on a CPU, an architecture it does not run (Gemma 2) chats on
+    generate() with a one-line note."""
     cfg = tiny_config(tmp_path, tiny_model, max_steps=2, eval_steps=2)
     raw = yaml.safe_load(cfg.read_text())
     raw["generation"] = {"max_new_tokens": 8}
@@ -222,13 +223,14 @@ def test_chat_runs_on_the_decoder_and_says_when_it_cannot(tiny_model, tmp_path, 
         raw["generation"]["engine"] = engine
         cfg.write_text(yaml.safe_dump(raw))
         assert main.main(["inference", str(cfg), "--question", "Is rest good?", "--output", str(rows)]) == 0
-    assert [json.loads(line)["engine"] for line in rows.read_text().splitlines()] == [
-        "float16 CPU decoder", "transformers generate"]
+    assert [json.loads(line)["engine"] for line in rows.read_text().splitlines()] == [chat_engine_here(), GENERATE]
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    cpu = utils.pick_hardware("4bit")
     gemma = build_tiny_model(tmp_path / "gemma2", family="gemma2")
-    model = utils.load_base_model(utils.resolve_model(str(gemma)), utils.pick_hardware("4bit"), training=False)
+    model = utils.load_base_model(utils.resolve_model(str(gemma)), cpu, training=False)
     capsys.readouterr()
-    assert utils.cpu_decoder_for_chat(model, utils.pick_hardware("4bit"), utils.config_from_dict({})) is None
+    assert utils.cpu_decoder_for_chat(model, cpu, utils.config_from_dict({})) is None
     assert "architecture 'gemma2'" in capsys.readouterr().err
 
 

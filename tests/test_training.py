@@ -212,13 +212,23 @@ def test_two_process_ddp_writes_outputs_once(tiny_model, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     run = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(ROOT / "main.py"), "train", str(cfg)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+                         env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))  # gloo on CPUs
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-3000:]
     assert "x 2 process(es)" in out and out.count("Training finished") == 1
     finals = list((tmp_path / "out").glob("my_custom_llm_*"))
     assert [p.name for p in finals] == ["my_custom_llm_tiny-llama"]
     assert json.loads((finals[0] / "metrics.json").read_text())["steps_run"] == 4
+
+
+def test_more_torchrun_processes_than_gpus_is_a_clear_error(tiny_model, monkeypatch):
+    """`torchrun --nproc_per_node 2` on a one-GPU machine: CUDA alone says "invalid device ordinal"
+    from deep inside the loader (seen on an H200)."""
+    import torch
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))  # one rank past the last GPU
+    hw = utils.Hardware("cuda", torch.bfloat16, "4bit", "")
+    with pytest.raises(utils.UserError, match="more processes on this machine than it has GPUs.*nproc_per_node"):
+        utils.load_base_model(utils.resolve_model(str(tiny_model)), hw)
 
 
 @pytest.mark.parametrize("quantization", ["8bit", "none"])
