@@ -880,8 +880,8 @@ def load_base_model(source: ModelSource, hw: Hardware, training: bool = True):
         rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
         if rank >= gpus:  # CUDA would only say "invalid device ordinal" from deep in the loader
             raise UserError(f"torchrun started more processes on this machine than it has GPUs ({gpus}): "
-                            f"use `torchrun --nproc_per_node {gpus}`, or CUDA_VISIBLE_DEVICES= "
-                            "to train with CPU processes")
+                            f"use torchrun --nproc_per_node {gpus}, or set CUDA_VISIBLE_DEVICES= (empty) "
+                            "to train in CPU processes")
         kwargs["device_map"] = {"": rank}
     elif hw.device == "cpu" and hw.quantization != "none":
         kwargs["device_map"] = {"": "cpu"}  # bitsandbytes would otherwise pick a GPU if one is present
@@ -2125,15 +2125,18 @@ def generate_answer_cpu(decoder: CpuDecoder, tokenizer, history: list[dict], cfg
     return answer_from_tokens(decoder_tokens(decoder, ids, cfg), tokenizer, ids, cfg.generation.max_new_tokens, streamer)
 
 
-def cpu_decoder_for_chat(model, hw: Hardware, cfg: Config):
-    """A CpuDecoder for chat when the generation engine setting and the model allow one, else None
-    (with a one-line note saying why, where there is a reason worth knowing)."""
+def cpu_decoder_usable(model, hw: Hardware, cfg: Config) -> bool:
+    """Whether chat and evaluate answer on a CpuDecoder here; when not, a one-line note says why,
+    where there is a reason worth knowing."""
     why = cpu_decoder_blocker(model, hw, cfg)
-    if why is None:
-        return CpuDecoder(model)
     if why:
         print(f"note: chat runs on transformers' generate (slower): {why}", file=sys.stderr)
-    return None
+    return why is None
+
+
+def cpu_decoder_for_chat(model, hw: Hardware, cfg: Config):
+    """A CpuDecoder for chat when the generation engine setting and the model allow one, else None."""
+    return CpuDecoder(model) if cpu_decoder_usable(model, hw, cfg) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3205,7 +3208,7 @@ def evaluate(cfg: Config, adapter: str | None = None, qa_file: str | None = None
     from tqdm import tqdm
     folder = find_adapter(cfg, adapter)
     model, tokenizer, run_cfg, _ = load_chat_model(cfg, str(folder))
-    engine = "float16 CPU decoder" if cpu_decoder_blocker(model, pick_hardware(run_cfg.model.quantization), run_cfg) is None \
+    engine = "float16 CPU decoder" if cpu_decoder_usable(model, pick_hardware(run_cfg.model.quantization), run_cfg) \
         else "transformers generate"
     if engine != "transformers generate":  # the losses' forward must not repack the 4-bit weights the decoders read
         guard_bnb_cpu_repack(model)
