@@ -15,6 +15,7 @@ depend on the machine's mood. The variants switch off one part of utils' lean pa
   peft_inputs      peft's own LoRA input cast and dropout (no utils.lora_input)
   no_lean_layers   transformers' RMSNorm and MLP (no utils.lean_layers)
   plain_head       LM head + cross-entropy over all answer tokens at once (no utils.head_cross_entropy)
+  bf16_attention   attention in the compute dtype (no utils.float32_attention)
   plain            all of the above
 With --recompute the bytes kept are the checkpointed layer inputs only (the rest is recomputed).
 """
@@ -33,7 +34,8 @@ import bench  # noqa: E402  (sets the offline environment and the import path)
 import utils  # noqa: E402
 
 VARIANTS = {"project": set(), "no_shared_mask": {"shared"}, "peft_inputs": {"inputs"},
-            "no_lean_layers": {"layers"}, "plain_head": {"head"}, "plain": {"shared", "inputs", "layers", "head"}}
+            "no_lean_layers": {"layers"}, "plain_head": {"head"}, "bf16_attention": {"attention"},
+            "plain": {"shared", "inputs", "layers", "head", "attention"}}
 
 
 def plain_head(hidden, weight, labels):
@@ -44,13 +46,16 @@ def plain_head(hidden, weight, labels):
 @contextlib.contextmanager
 def switched_off(parts: set):
     """utils with the named parts of the lean path replaced by what they stand in for."""
-    saved = {name: getattr(utils, name) for name in ("lean_lora_inputs", "lean_layers", "head_cross_entropy")}
+    saved = {name: getattr(utils, name)
+             for name in ("lean_lora_inputs", "lean_layers", "head_cross_entropy", "float32_attention")}
     if "inputs" in parts:
         utils.lean_lora_inputs = lambda model: 0
     if "layers" in parts:
         utils.lean_layers = lambda model: 0
     if "head" in parts:
         utils.head_cross_entropy = plain_head
+    if "attention" in parts:
+        utils.float32_attention = lambda model: False
     try:
         yield
     finally:

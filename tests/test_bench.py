@@ -116,5 +116,8 @@ def test_ab_harness_compares_every_variant_and_the_lean_path_keeps_less():
             if line.split() and line.split()[0] in ab.VARIANTS}
     assert set(rows) == set(ab.VARIANTS)
     kept = {name: float(row[3]) for name, row in rows.items()}
-    assert kept["project"] == min(kept.values()) and kept["plain"] == max(kept.values())
+    # float32 attention keeps its inputs in float32: the one part that trades memory for speed
+    assert kept["bf16_attention"] < kept["project"]
+    assert kept["project"] == min(v for k, v in kept.items() if k != "bf16_attention")
+    assert kept["plain"] == max(kept.values())
     assert kept["project"] < kept["no_shared_mask"]  # q, k and v share one mask

@@ -221,6 +221,34 @@ def test_two_process_ddp_writes_outputs_once(tiny_model, tmp_path):
     assert json.loads((finals[0] / "metrics.json").read_text())["steps_run"] == 4
 
 
+def test_cpu_attention_runs_in_float32_and_computes_what_sdpa_computes(tiny_model, monkeypatch):
+    """utils.float32_attention (attach_lora on a CPU): on a bf16 model the attention kernel gets
+    float32 inputs, where transformers' "sdpa" gives it bf16, and the loss agrees to bf16
+    precision; on float32 weights the two implementations are the same arithmetic (the tiny model
+    shares each key/value head between two query heads, as SmolLM2 does between three)."""
+    seen, real = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: seen.append(q.dtype) or real(q, *a, **kw))
+    batch = tiny_batch(tiny_model)
+    for dtype in (torch.float32, torch.bfloat16):
+        lean, plain = lean_and_plain(tiny_model, dtype=dtype)
+        base = lean.get_base_model()
+        assert base.config._attn_implementation == "sdpa_float32"
+        assert plain.get_base_model().config._attn_implementation == "sdpa"
+        results = {}
+        for implementation in ("sdpa_float32", "sdpa"):
+            base.set_attn_implementation(implementation)
+            seen.clear()
+            results[implementation] = loss_and_grads(lean, batch, autocast=dtype == torch.bfloat16)
+            assert set(seen) == {torch.float32 if implementation == "sdpa_float32" else dtype}
+        (loss32, grads32), (loss, grads) = results["sdpa_float32"], results["sdpa"]
+        if dtype == torch.float32:
+            # the same arithmetic; shared key/value heads sum their gradients in another order
+            assert loss32 == loss and all(torch.allclose(grads32[n], grads[n], rtol=1e-5, atol=1e-7) for n in grads)
+        else:
+            assert abs(loss32 - loss) < 2e-2 and loss32 != loss
+
+
 def test_more_torchrun_processes_than_gpus_is_a_clear_error(tiny_model, monkeypatch):
     """`torchrun --nproc_per_node 2` on a one-GPU machine: CUDA alone says "invalid device ordinal"
     from deep inside the loader (seen on an H200)."""
