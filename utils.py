@@ -1324,7 +1324,11 @@ def answer_token_loss(model, inputs: dict, num_items_in_batch=None):
     return loss / denominator
 
 
-HEAD_CHUNK = 512  # answer tokens per slice of logits: 512 x 49k float32 = 100 MB for SmolLM2
+# Answer tokens per slice of logits: 64 x 49k float32 = 12.6 MB for SmolLM2 (49 MB for Phi-4-mini's
+# 200k vocabulary). A slice over glibc's mmap threshold (32 MB at most) comes as fresh pages each
+# time, and the slices' float32 and bf16 copies sit on top of the step's peak: 512 rows peaked
+# 40-110 MB higher over the benchmark's steps, at the same speed (README, Performance).
+HEAD_CHUNK = 64
 
 
 def head_cross_entropy(hidden, weight, labels):
