@@ -961,7 +961,9 @@ def float32_attention(model) -> bool:
     """On a CPU, run the SDPA attention in float32 whatever the compute dtype: PyTorch's CPU
     flash-attention kernel is faster in float32 than in bf16 here (forward + backward of 2 x 9
     heads x 216 tokens: 5.4-5.9 against 7.0-7.4 ms) and its softmax exact; a training step of
-    SmolLM2 is 7-11% faster (`make ab`, README Performance). Key/value heads shared by several
+    SmolLM2 is 7-18% faster in `make ab`, 17% in paired benchmark runs (README, Performance). A
+    model that passes a position bias or a soft cap gets transformers' own SDPA function, in
+    float32. Key/value heads shared by several
     query heads (GQA) go to the kernel as they are, not repeated as transformers does when a
     padding mask is present: the float32 inputs kept for backward then cost 2 KB per token and
     layer more than bf16 ones, not 5. GPUs keep their bf16 kernels; models on another attention
