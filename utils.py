@@ -961,13 +961,12 @@ def float32_attention(model) -> bool:
     """On a CPU, run the SDPA attention in float32 whatever the compute dtype: PyTorch's CPU
     flash-attention kernel is faster in float32 than in bf16 here (forward + backward of 2 x 9
     heads x 216 tokens: 5.4-5.9 against 7.0-7.4 ms) and its softmax exact; a training step of
-    SmolLM2 is 7-18% faster in `make ab`, 17% in paired benchmark runs (README, Performance). A
-    model that passes a position bias or a soft cap gets transformers' own SDPA function, in
-    float32. Key/value heads shared by several
-    query heads (GQA) go to the kernel as they are, not repeated as transformers does when a
-    padding mask is present: the float32 inputs kept for backward then cost 2 KB per token and
-    layer more than bf16 ones, not 5. GPUs keep their bf16 kernels; models on another attention
-    implementation keep it. Returns whether the model was switched."""
+    SmolLM2 is 7-18% faster in `make ab`, 17% in paired benchmark runs (README, Performance).
+    Key/value heads shared by several query heads (GQA) go to the kernel as they are, not repeated
+    as transformers does when a padding mask is present: the float32 inputs kept for backward then
+    cost 2 KB per token and layer more than bf16 ones, not 5. A model that passes a position bias
+    or a soft cap gets transformers' own SDPA function, in float32. GPUs keep their bf16 kernels;
+    models on another attention implementation keep it. Returns whether the model was switched."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if base.device.type != "cpu" or base.config._attn_implementation != "sdpa":
         return False
@@ -3262,9 +3261,9 @@ def evaluate(cfg: Config, adapter: str | None = None, qa_file: str | None = None
     from tqdm import tqdm
     folder = find_adapter(cfg, adapter)
     model, tokenizer, run_cfg, _ = load_chat_model(cfg, str(folder))
-    engine = "float16 CPU decoder" if cpu_decoder_usable(model, pick_hardware(run_cfg.model.quantization), run_cfg) \
-        else "transformers generate"
-    if engine != "transformers generate":  # the losses' forward must not repack the 4-bit weights the decoders read
+    use_decoder = cpu_decoder_usable(model, pick_hardware(run_cfg.model.quantization), run_cfg)
+    engine = "float16 CPU decoder" if use_decoder else "transformers generate"
+    if use_decoder:  # the losses' forward must not repack the 4-bit weights the decoders read
         guard_bnb_cpu_repack(model)
     sets = evaluation_sets(run_cfg, tokenizer, qa_file, harmful, benign, limit)
     print(f"Evaluating {run_cfg.model.name} (base) vs + adapter {folder}: {len(sets['val_rows'])} validation "
@@ -3272,8 +3271,8 @@ def evaluate(cfg: Config, adapter: str | None = None, qa_file: str | None = None
     total = 2 * (len(sets["qa"]) + len(sets["probes"]))
     with tqdm(total=total, desc="generating", unit="prompt") as progress:
         with model.disable_adapter():
-            base = evaluate_model(model, tokenizer, run_cfg, sets, progress, engine != "transformers generate")
-        tuned = evaluate_model(model, tokenizer, run_cfg, sets, progress, engine != "transformers generate")
+            base = evaluate_model(model, tokenizer, run_cfg, sets, progress, use_decoder)
+        tuned = evaluate_model(model, tokenizer, run_cfg, sets, progress, use_decoder)
     report = {
         "settings": {"base_model": run_cfg.model.name, "adapter": str(folder), "date": time.strftime("%Y-%m-%d"),
                      "device": str(model.device), "engine": engine, "limit": limit, "n_val": len(sets["val_rows"]),
