@@ -57,8 +57,9 @@ test: setup-dev
 test-fast: setup-dev
 	$(PY) -m pytest -m "not e2e"
 
-# Speed and memory against the seed's recipe and the hardware (a few minutes): prints a table and
-# writes benchmarks/results.json. `--smoke` runs it on a tiny random model in seconds.
+# Speed and memory against the seed's recipe and the hardware (about 17 minutes on 2 cores: three
+# alternating project / seed pairs): prints a table and writes benchmarks/results.json. `--smoke`
+# runs it on a tiny random model in seconds.
 bench: setup-dev
 	$(PY) benchmarks/bench.py
 

@@ -39,14 +39,16 @@ def check(record: dict, fields: dict, where: str):
 
 def test_smoke_benchmark_writes_every_field(tmp_path):
     out = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--smoke", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--smoke", "--rounds", "2",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "real tok/s" in proc.stdout and "target speedup_vs_seed" in proc.stdout
     r = json.loads(out.read_text())
     assert r["smoke"] is True and len(r["date"]) == 10
     assert {"cpu", "cores", "torch", "device", "compute_dtype"} <= set(r["machine"])
-    assert len(r["references"]) == 6  # before the first workload and after each of the five
+    assert r["rounds"] == 2
+    # before the first workload and after each run: two project / seed_recipe pairs, then three once
+    assert len(r["references"]) == 8
     for ref in r["references"]:
         assert all(ref[k] > 0 for k in REFERENCE_FIELDS)
     w = r["workloads"]
@@ -61,6 +63,19 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
     assert w["seed_recipe"]["computed_positions"] >= w["project"]["computed_positions"]
     assert w["seed_recipe"]["checkpointed_layers"] == 1.0 and w["recompute_all"]["checkpointed_layers"] == 1.0
     assert w["project"]["checkpointed_layers"] == 0.0
+    # Each side of the speed-up ran twice, alternating; the row is the median round (the lower
+    # middle one of two), the target the median of the pairs' ratios.
+    pairs = r["paired_rounds"]
+    assert [len(w[n]["rounds"]) for n in ("project", "seed_recipe")] == [2, 2] and len(pairs) == 2
+    for name in ("project", "seed_recipe"):
+        rates = [x["real_tokens_per_s"] for x in w[name]["rounds"]]
+        assert w[name]["real_tokens_per_s"] == min(rates) and [x[name] for x in pairs] == rates
+        first, second = (x["eval_loss_answer_tokens"] for x in w[name]["rounds"])
+        assert abs(first - second) < 1e-3  # same seed, same examples: the same training
+    assert [p["ratio"] for p in pairs] == [round(p["project"] / p["seed_recipe"], 3) for p in pairs]
+    assert r["targets"]["values"]["speedup_vs_seed"] == round((pairs[0]["ratio"] + pairs[1]["ratio"]) / 2, 2)
+    assert r["targets"]["values"]["peak_rss_mb"] == max(x["peak_memory_mb"] for x in w["project"]["rounds"])
+    assert "round 2: project" in proc.stdout
     g = w["generation"]
     check(g, GENERATION_FIELDS, "generation")
     # on a CPU, `inference` decodes with the CpuDecoder; generate() on the 4-bit model is measured beside it

@@ -471,5 +471,34 @@ def test_onednn_kernel_cache_is_capped_unless_the_user_set_it():
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
     run = lambda e: subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True,
                                    text=True, timeout=120).stdout.strip()
-    assert run(env) == "8"
+    assert run(env) == "64"
     assert run({**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}) == "1024"
+
+
+def test_onednn_kernel_cache_holds_every_product_of_a_training_step(tiny_model):
+    """A cap below the number of (shape, layout) products one forward + backward cycles through
+    in every layer rebuilds each kernel before its next use (8 on SmolLM2: 161 builds per
+    micro-batch instead of 17, ~0.36 ms each). Counted here with LoRA on every linear layer,
+    the most shapes a config can ask for."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    cfg = utils.config_from_dict({"model": {"name": str(tiny_model)}, "lora": {"target_modules": "all-linear"}})
+    source = utils.resolve_model(str(tiny_model))
+    tokenizer, _ = utils.load_tokenizer(source)
+    model = utils.attach_lora(utils.load_base_model(source, utils.pick_hardware("4bit")), cfg)
+    rows = [utils.render_example(tokenizer, [{"role": "user", "content": f"What helps a sore throat {i}?"},
+                                             {"role": "assistant", "content": "Rest and fluids. " * (i + 1)}],
+                                 "Be careful.", 256) for i in range(2)]
+    batch = utils.PadCollator(tokenizer.pad_token_id)(rows)
+    products = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
+    seen = set()
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in products:
+                seen.add(tuple((tuple(a.shape), a.stride(), a.dtype) for a in args if isinstance(a, torch.Tensor)))
+            return func(*args, **(kwargs or {}))
+
+    model.train()
+    with Shapes(), torch.autocast("cpu", dtype=torch.bfloat16):
+        utils.answer_token_loss(model, batch).backward()
+    assert 10 < len(seen) <= int(os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]), len(seen)
