@@ -249,6 +249,27 @@ def test_cpu_attention_runs_in_float32_and_computes_what_sdpa_computes(tiny_mode
             assert abs(loss32 - loss) < 2e-2 and loss32 != loss
 
 
+def test_float32_attention_leaves_position_bias_and_soft_cap_to_transformers():
+    """No supported family passes a position bias or a soft cap to SDPA; a model that does gets
+    transformers' own SDPA function in float32 (the bias folded into the mask as it folds it), and
+    a soft cap the same refusal as under "sdpa"."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    attention = AttentionInterface()[utils._register_float32_sdpa()]
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, 5, 8, dtype=torch.bfloat16) for heads in (4, 2, 2))
+    bias = torch.randn(1, 4, 5, 5)
+    out, _ = attention(module, q, k, v, None, position_bias=bias)
+    want, _ = sdpa_attention_forward(module, q.float(), k.float(), v.float(), None, position_bias=bias)
+    without, _ = attention(module, q, k, v, None)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 5, 4, 8)
+    assert torch.equal(out, want.to(torch.bfloat16)) and not torch.equal(out, without)
+    with pytest.raises(ValueError, match="softcap"):
+        attention(module, q, k, v, None, softcap=30.0)
+
+
 def test_more_torchrun_processes_than_gpus_is_a_clear_error(tiny_model, monkeypatch):
     """`torchrun --nproc_per_node 2` on a one-GPU machine: CUDA alone says "invalid device ordinal"
     from deep inside the loader (seen on an H200)."""
