@@ -338,7 +338,9 @@ def workload_seed_recipe(opts) -> dict:
     from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments,
                               set_seed)
     out_dir = tempfile.mkdtemp(prefix="bench-seed-")
-    cfg = bench_config(opts.model, out_dir, opts.warmup + opts.steps, [])
+    # the user's overrides too (data, batch, LoRA shape...): the recipe's own choices below ignore
+    # any that would make it the project's (padding, whole-sequence loss, recomputation)
+    cfg = bench_config(opts.model, out_dir, opts.warmup + opts.steps, opts.set)
     train_rows, val_rows, _ = utils.load_splits(cfg)  # the same examples and split
     set_seed(cfg.seed)
     hw = utils.pick_hardware(cfg.model.quantization)
@@ -386,7 +388,7 @@ def workload_seed_recipe(opts) -> dict:
              "eval_loss_answer_tokens": round(answer_loss(model, val_ds[:opts.eval_examples],
                                                           tokenizer.pad_token_id, hw.dtype), 4),
              "batch_size": t.batch_size, "grad_accum": t.gradient_accumulation_steps,
-             "checkpointed_layers": 1.0, "compute_dtype": str(hw.dtype).replace("torch.", "")}
+             "checkpointed_layers": 1.0, "compute_dtype": str(hw.dtype).replace("torch.", ""), "overrides": opts.set}
     return summarise("seed_recipe", timer, log, t.gradient_accumulation_steps, opts.warmup,
                      model_shape(model), extra)
 
@@ -702,7 +704,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument("--only", action="append", choices=list(WORKLOADS), help="run only these workloads")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for the project and generation workloads, e.g. training.batch_size=8")
+                        help="config override for every workload, e.g. training.batch_size=8 (the seed's recipe "
+                             "keeps padding to max_length, loss on every token and recomputation)")
     parser.add_argument("--verbose", action="store_true", help="show the workloads' own output")
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--workload", choices=list(WORKLOADS), help=argparse.SUPPRESS)

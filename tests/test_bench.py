@@ -40,7 +40,7 @@ def check(record: dict, fields: dict, where: str):
 def test_smoke_benchmark_writes_every_field(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--smoke", "--rounds", "2",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--set", "lora.r=8", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "real tok/s" in proc.stdout and "target speedup_vs_seed" in proc.stdout
     r = json.loads(out.read_text())
@@ -63,6 +63,8 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
     assert w["seed_recipe"]["computed_positions"] >= w["project"]["computed_positions"]
     assert w["seed_recipe"]["checkpointed_layers"] == 1.0 and w["recompute_all"]["checkpointed_layers"] == 1.0
     assert w["project"]["checkpointed_layers"] == 0.0
+    # a user's override reaches both sides of the comparison (the seed keeps its own recipe)
+    assert w["project"]["overrides"] == w["seed_recipe"]["overrides"] == ["lora.r=8"]
     # Each side of the speed-up ran twice, alternating; the row is the median round (the lower
     # middle one of two), the target the median of the pairs' ratios.
     pairs = r["paired_rounds"]
