@@ -2324,6 +2324,10 @@ def with_disclaimer(answer: str, cfg: Config) -> str:
     return f"{answer}\n\n{d}"
 
 
+# What answers, by name (chat's banner, evaluate's report, the benchmark's rows).
+ENGINE_DECODER, ENGINE_GENERATE = "float16 CPU decoder", "transformers generate"
+
+
 @dataclass
 class ChatEngine:
     answer: typing.Callable  # (history, cfg, streamer=None) -> (text, eos | cap | interrupted)
@@ -2343,8 +2347,8 @@ def load_chat_engine(cfg: Config, adapter: str | None = None, base: bool = False
     decoder = cpu_decoder_for_chat(model, pick_hardware(run_cfg.model.quantization), run_cfg)
     if decoder is not None:  # the float16 copy replaces the 4-bit model, which is dropped here
         return ChatEngine(functools.partial(generate_answer_cpu, decoder, tokenizer), tokenizer, run_cfg, label,
-                          "float16 CPU decoder")
-    return ChatEngine(functools.partial(generate_answer, model, tokenizer), tokenizer, run_cfg, label, "transformers generate")
+                          ENGINE_DECODER)
+    return ChatEngine(functools.partial(generate_answer, model, tokenizer), tokenizer, run_cfg, label, ENGINE_GENERATE)
 
 
 def chat(cfg: Config, adapter: str | None = None, base: bool = False, question: str | None = None,
@@ -3264,7 +3268,7 @@ def evaluate(cfg: Config, adapter: str | None = None, qa_file: str | None = None
     folder = find_adapter(cfg, adapter)
     model, tokenizer, run_cfg, _ = load_chat_model(cfg, str(folder))
     use_decoder = cpu_decoder_usable(model, pick_hardware(run_cfg.model.quantization), run_cfg)
-    engine = "float16 CPU decoder" if use_decoder else "transformers generate"
+    engine = ENGINE_DECODER if use_decoder else ENGINE_GENERATE
     if use_decoder:  # the losses' forward must not repack the 4-bit weights the decoders read
         guard_bnb_cpu_repack(model)
     sets = evaluation_sets(run_cfg, tokenizer, qa_file, harmful, benign, limit)

@@ -442,7 +442,7 @@ def workload_generation(opts) -> dict:
     if decoder is not None:
         utils.time_decoder(decoder, ids, 4)  # warm-up
         ttft, total = min(utils.time_decoder(decoder, ids, 1) for _ in range(2))[0], utils.time_decoder(decoder, ids, new)[1]
-        rows["float16 CPU decoder"] = {"ttft_s": round(ttft, 3), "decode_tokens_per_s": round((new - 1) / max(total - ttft, 1e-9), 1),
+        rows[utils.ENGINE_DECODER] = {"ttft_s": round(ttft, 3), "decode_tokens_per_s": round((new - 1) / max(total - ttft, 1e-9), 1),
                                        "weight_bytes_per_token": decoder.weight_bytes,
                                        "weight_format": "float16 (FBGEMM), float32 activations"}
         del decoder
@@ -463,7 +463,7 @@ def workload_generation(opts) -> dict:
     full = generate(new)
     # chat keeps bitsandbytes' repacked AVX-512 BF16 CPU kernel (training turns it off: PITFALLS)
     fast_kernel = any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
-    rows["transformers generate"] = {
+    rows[utils.ENGINE_GENERATE] = {
         "ttft_s": round(ttft, 3), "decode_tokens_per_s": round((new - 1) / max(full - ttft, 1e-9), 1),
         "weight_bytes_per_token": bytes_per_token, "bnb_cpu_fast_kernel": fast_kernel,
         "weight_format": f"{hw.quantization} base, LM head {str(model.get_output_embeddings().weight.dtype).replace('torch.', '')}"}

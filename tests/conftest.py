@@ -18,7 +18,7 @@ import utils  # noqa: E402
 from tiny import build_tiny_model  # noqa: E402
 
 SHORT_SYSTEM = "You are a careful medical assistant."
-DECODER, GENERATE = "float16 CPU decoder", "transformers generate"
+DECODER, GENERATE = utils.ENGINE_DECODER, utils.ENGINE_GENERATE
 
 
 def chat_engine_here() -> str:

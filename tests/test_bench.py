@@ -86,7 +86,7 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
     assert set(g["formats"]) == {engine, GENERATE}
     for name, row in g["formats"].items():
         check(row, ENGINE_FIELDS, f"generation.{name}")
-    assert isinstance(g["formats"]["transformers generate"]["bnb_cpu_fast_kernel"], bool)
+    assert isinstance(g["formats"][GENERATE]["bnb_cpu_fast_kernel"], bool)
     assert g["decode_fraction_of_bound"] == g["formats"][engine]["decode_fraction_of_bound"]
     assert engine in proc.stdout and GENERATE in proc.stdout
     # llama.cpp (a test dependency) on the F16 and Q8_0 files of the same tiny base; no bundled Q4_1 in smoke

@@ -40,7 +40,7 @@ def test_evaluate_answers_on_generate_with_the_note_chat_gives(trained, tmp_path
     assert main.main(["evaluate", str(cfg), *sets, "--limit", "1"]) == 0
     assert "note: chat runs on transformers' generate (slower): architecture 'gemma2'" in capsys.readouterr().err
     report = json.loads((tmp_path / "out" / "my_custom_llm_gemma2" / "evaluation.json").read_text())
-    assert report["settings"]["engine"] == "transformers generate"
+    assert report["settings"]["engine"] == utils.ENGINE_GENERATE
 
 
 def test_every_metric_for_base_and_tuned_and_the_files(trained, capsys):
