@@ -637,8 +637,7 @@ def targets(results: dict) -> dict:
     out = {}
     if "project" in w and "seed_recipe" in w:
         p, s = w["project"], w["seed_recipe"]
-        ratios = sorted(pair["ratio"] for pair in results["paired_rounds"])
-        out["speedup_vs_seed"] = round(statistics.median(ratios), 2)
+        out["speedup_vs_seed"] = round(statistics.median(pair["ratio"] for pair in results["paired_rounds"]), 2)
         out["eval_loss_project_minus_seed"] = round(p["eval_loss_answer_tokens"] - s["eval_loss_answer_tokens"], 4)
     if "project" in w:
         rounds = w["project"]["rounds"]
