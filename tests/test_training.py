@@ -291,17 +291,23 @@ def test_other_quantizations_train(tiny_model, tmp_path, quantization):
     assert metrics["quantization"] == quantization
 
 
-def test_answer_token_loss_equals_the_models_own_loss(tiny_model):
-    """The LM head only on answer tokens (2.2x faster training, less memory: make bench) must not
-    change the loss: same value as the model's own, with and without accumulation normalisation."""
-    cfg = utils.config_from_dict({"model": {"name": str(tiny_model)}})
+def lora_model_and_batch(tiny_model, examples: int, lora: dict | None = None):
+    """The tiny model in 4-bit with LoRA (config defaults, or `lora`), and a padded batch of
+    `examples` rendered conversations of growing length, on the model's device."""
+    cfg = utils.config_from_dict({"model": {"name": str(tiny_model)}, "lora": lora or {}})
     source = utils.resolve_model(str(tiny_model))
     tokenizer, _ = utils.load_tokenizer(source)
     model = utils.attach_lora(utils.load_base_model(source, utils.pick_hardware("4bit")), cfg)
     rows = [utils.render_example(tokenizer, [{"role": "user", "content": f"What helps a sore throat {i}?"},
                                              {"role": "assistant", "content": "Rest and fluids. " * (i + 1)}],
-                                 "Be careful.", 256) for i in range(3)]
-    batch = {k: v.to(model.device) for k, v in utils.PadCollator(tokenizer.pad_token_id)(rows).items()}
+                                 "Be careful.", 256) for i in range(examples)]
+    return model, {k: v.to(model.device) for k, v in utils.PadCollator(tokenizer.pad_token_id)(rows).items()}
+
+
+def test_answer_token_loss_equals_the_models_own_loss(tiny_model):
+    """The LM head only on answer tokens (2.2x faster training, less memory: make bench) must not
+    change the loss: same value as the model's own, with and without accumulation normalisation."""
+    model, batch = lora_model_and_batch(tiny_model, 3)
     answer_tokens = int((batch["labels"][:, 1:] != utils.IGNORE_INDEX).sum())
     with torch.no_grad():
         own = model(**batch).loss.item()
@@ -502,14 +508,7 @@ def test_onednn_kernel_cache_holds_every_product_of_a_training_step(tiny_model):
     micro-batch instead of 17, ~0.36 ms each). Counted here with LoRA on every linear layer,
     the most shapes a config can ask for."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    cfg = utils.config_from_dict({"model": {"name": str(tiny_model)}, "lora": {"target_modules": "all-linear"}})
-    source = utils.resolve_model(str(tiny_model))
-    tokenizer, _ = utils.load_tokenizer(source)
-    model = utils.attach_lora(utils.load_base_model(source, utils.pick_hardware("4bit")), cfg)
-    rows = [utils.render_example(tokenizer, [{"role": "user", "content": f"What helps a sore throat {i}?"},
-                                             {"role": "assistant", "content": "Rest and fluids. " * (i + 1)}],
-                                 "Be careful.", 256) for i in range(2)]
-    batch = utils.PadCollator(tokenizer.pad_token_id)(rows)
+    model, batch = lora_model_and_batch(tiny_model, 2, {"target_modules": "all-linear"})
     products = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
     seen = set()
 
@@ -520,6 +519,6 @@ def test_onednn_kernel_cache_holds_every_product_of_a_training_step(tiny_model):
             return func(*args, **(kwargs or {}))
 
     model.train()
-    with Shapes(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with Shapes(), torch.autocast(model.device.type, dtype=torch.bfloat16):
         utils.answer_token_loss(model, batch).backward()
     assert 10 < len(seen) <= int(os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]), len(seen)
