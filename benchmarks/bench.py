@@ -713,7 +713,9 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     opts.steps = opts.steps or (2 if opts.smoke else 6)
-    opts.rounds = opts.rounds or (1 if opts.smoke else 3)
+    opts.rounds = (1 if opts.smoke else 3) if opts.rounds is None else opts.rounds
+    if opts.rounds < 1:
+        parser.error(f"--rounds {opts.rounds}: give 1 or more alternating project / seed_recipe pairs")
     opts.warmup = opts.warmup if opts.warmup is not None else 1
     opts.eval_examples = opts.eval_examples or (4 if opts.smoke else EVAL_EXAMPLES)
     opts.new_tokens = opts.new_tokens or (16 if opts.smoke else NEW_TOKENS)

@@ -103,6 +103,13 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
 
 
 
+def test_rounds_below_one_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--smoke", "--rounds", "0",
+                           "--out", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--rounds 0: give 1 or more" in proc.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_phi4_mini_shape_workload_builds_the_shape_and_trains_it(tiny_model, monkeypatch):
     """The Phi-4-mini-shaped workload (in `make bench` on CUDA, which CI lacks) on a shrunk copy of
     the shape: a Phi3 model is built, gets the tokenizer, trains through the project's path and

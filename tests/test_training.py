@@ -291,23 +291,19 @@ def test_other_quantizations_train(tiny_model, tmp_path, quantization):
     assert metrics["quantization"] == quantization
 
 
-def lora_model_and_batch(tiny_model, examples: int, lora: dict | None = None):
-    """The tiny model in 4-bit with LoRA (config defaults, or `lora`), and a padded batch of
-    `examples` rendered conversations of growing length, on the model's device."""
+def lora_model_and_batch(tiny_model, lora: dict | None = None):
+    """The tiny model in 4-bit with LoRA (config defaults, or `lora`), and conftest's batch on
+    the model's device."""
     cfg = utils.config_from_dict({"model": {"name": str(tiny_model)}, "lora": lora or {}})
     source = utils.resolve_model(str(tiny_model))
-    tokenizer, _ = utils.load_tokenizer(source)
     model = utils.attach_lora(utils.load_base_model(source, utils.pick_hardware("4bit")), cfg)
-    rows = [utils.render_example(tokenizer, [{"role": "user", "content": f"What helps a sore throat {i}?"},
-                                             {"role": "assistant", "content": "Rest and fluids. " * (i + 1)}],
-                                 "Be careful.", 256) for i in range(examples)]
-    return model, {k: v.to(model.device) for k, v in utils.PadCollator(tokenizer.pad_token_id)(rows).items()}
+    return model, {k: v.to(model.device) for k, v in tiny_batch(tiny_model).items()}
 
 
 def test_answer_token_loss_equals_the_models_own_loss(tiny_model):
     """The LM head only on answer tokens (2.2x faster training, less memory: make bench) must not
     change the loss: same value as the model's own, with and without accumulation normalisation."""
-    model, batch = lora_model_and_batch(tiny_model, 3)
+    model, batch = lora_model_and_batch(tiny_model)
     answer_tokens = int((batch["labels"][:, 1:] != utils.IGNORE_INDEX).sum())
     with torch.no_grad():
         own = model(**batch).loss.item()
@@ -508,7 +504,7 @@ def test_onednn_kernel_cache_holds_every_product_of_a_training_step(tiny_model):
     micro-batch instead of 17, ~0.36 ms each). Counted here with LoRA on every linear layer,
     the most shapes a config can ask for."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    model, batch = lora_model_and_batch(tiny_model, 2, {"target_modules": "all-linear"})
+    model, batch = lora_model_and_batch(tiny_model, {"target_modules": "all-linear"})
     products = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
     seen = set()
 
