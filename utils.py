@@ -1934,7 +1934,7 @@ class CpuDecoder:
     packed=False, for tests); activations and accumulation float32. The norm weights and the
     1/sqrt(head_dim) of attention are folded into the products that follow them, and q/k rows are
     reordered so that each rotary pair sits side by side (scores do not change when q and k are
-    permuted alike)."""
+    permuted alike). The pass through the layers is one TorchScript function (decoder_layer_loop)."""
 
     def __init__(self, model, packed: bool = True):
         import torch
@@ -1976,6 +1976,9 @@ class CpuDecoder:
         self.embed = base.get_input_embeddings().weight.detach()
         self.k = self.v = None  # the cache is made by the first forward
         self._product = torch.ops.quantized.linear_dynamic_fp16 if packed else (lambda x, w: F.linear(x, *w))
+        flat = [w for products in self.layers for w in products]  # four per layer, in the loop's order
+        self.weights = (flat, [], []) if packed else ([], [w for w, _ in flat], [b for _, b in flat])
+        self.layer_loop = decoder_layer_loop()
 
     @property
     def capacity(self) -> int:
@@ -2017,7 +2020,6 @@ class CpuDecoder:
         earlier calls): ids of shape (T,) give (1 or T, vocab); a batch (B, T) gives (B, 1 or T,
         vocab), its rows left-padded by `pads` tokens each (None: no padding)."""
         import torch
-        import torch.nn.functional as F
         single = ids.dim() == 1
         ids = ids[None] if single else ids
         (B, T), H, KV, d = ids.shape, self.heads, self.kv_heads, self.head_dim
@@ -2036,25 +2038,57 @@ class CpuDecoder:
             # a padding position sees itself only, so that its (unused) output stays finite
             mask = (keys <= steps[:, None]) & ((keys >= pads) | (keys == steps[:, None]))
             mask = mask[:, None]
-        for i, (qkv_w, o_w, gate_up_w, down_w) in enumerate(self.layers):
-            qkv = self._product(self._norm(x), qkv_w)
-            qk = torch.view_as_complex(qkv[:, :(H + KV) * d].reshape(B, T, H + KV, d // 2, 2))
-            qk = torch.view_as_real(qk * angles).reshape(B, T, H + KV, d)
-            self.k[i, :, :, start:end] = qk[:, :, H:].transpose(1, 2)
-            self.v[i, :, :, start:end] = qkv[:, (H + KV) * d:].reshape(B, T, KV, d).transpose(1, 2)
-            if B * T == 1:  # one new token: two small products beat SDPA's kernel (~6% of a step here)
-                scores = torch.bmm(qk[0, 0, :H].view(KV, H // KV, d), self.k[i, 0, :, :end].transpose(1, 2))
-                out = torch.bmm(scores.softmax(-1), self.v[i, 0, :, :end]).view(1, H * d)
-            else:
-                out = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), self.k[i, :, :, :end],
-                                                     self.v[i, :, :, :end], attn_mask=mask, scale=1.0, enable_gqa=True)
-                out = out.transpose(1, 2).reshape(B * T, H * d)
-            x = x + self._product(out, o_w)
-            gate, up = self._product(self._norm(x), gate_up_w).chunk(2, -1)
-            x = x + self._product(F.silu(gate) * up, down_w)
+        x = self.layer_loop(x, *self.weights, self.k, self.v, angles, mask, start, B, T, H, KV, d, self.eps)
         x = x.reshape(B, T, -1)[:, slice(None) if all_logits else slice(-1, None)]
         logits = self._product(self._norm(x.reshape(-1, x.shape[-1])), self.head).reshape(B, x.shape[1], -1)
         return logits[0] if single else logits
+
+
+@functools.cache
+def decoder_layer_loop():
+    """CpuDecoder's pass through the layers, compiled by TorchScript: Python's own overhead around
+    the ~40 small operations of each layer was a quarter of a decode step (bundled SmolLM2: 64-70 ->
+    82-87 tokens/s, same logits to the bit; README, Performance). torch.jit.script is
+    deprecated in favour of torch.compile, which needs a C++ compiler and ~1 minute here; where
+    scripting fails (a later PyTorch) the same function runs as plain Python."""
+    import torch
+    import torch.nn.functional as F
+
+    def product(x, j: int, packed: list[torch.classes.quantized.LinearPackedParamsBase],
+                dense: list[torch.Tensor], bias: list[torch.Tensor | None]):
+        if len(packed) > 0:
+            return torch.ops.quantized.linear_dynamic_fp16(x, packed[j])
+        return F.linear(x, dense[j], bias[j])  # float32 as given: tests compare the arithmetic itself
+
+    def layer_loop(x, packed: list[torch.classes.quantized.LinearPackedParamsBase], dense: list[torch.Tensor],
+                   bias: list[torch.Tensor | None], k, v, angles, mask: torch.Tensor | None, start: int,
+                   B: int, T: int, H: int, KV: int, d: int, eps: float):
+        end, width = start + T, [x.shape[-1]]
+        for i in range(k.shape[0]):  # the products of layer i are 4 i .. 4 i + 3: qkv, o, gate_up, down
+            qkv = product(F.rms_norm(x, width, None, eps), 4 * i, packed, dense, bias)
+            qk = torch.view_as_complex(qkv[:, :(H + KV) * d].reshape(B, T, H + KV, d // 2, 2))
+            qk = torch.view_as_real(qk * angles).reshape(B, T, H + KV, d)
+            k[i, :, :, start:end] = qk[:, :, H:].transpose(1, 2)
+            v[i, :, :, start:end] = qkv[:, (H + KV) * d:].reshape(B, T, KV, d).transpose(1, 2)
+            if B * T == 1:  # one new token: two small products beat SDPA's kernel (~6% of a step here)
+                scores = torch.bmm(qk[0, 0, :H].view(KV, H // KV, d), k[i, 0, :, :end].transpose(1, 2))
+                out = torch.bmm(scores.softmax(-1), v[i, 0, :, :end]).view(1, H * d)
+            else:
+                out = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), k[i, :, :, :end], v[i, :, :, :end],
+                                                     attn_mask=mask, scale=1.0, enable_gqa=True)
+                out = out.transpose(1, 2).reshape(B * T, H * d)
+            x = x + product(out, 4 * i + 1, packed, dense, bias)
+            gate, up = product(F.rms_norm(x, width, None, eps), 4 * i + 2, packed, dense, bias).chunk(2, -1)
+            x = x + product(F.silu(gate) * up, 4 * i + 3, packed, dense, bias)
+        return x
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(layer_loop)
+    except Exception as e:  # noqa: BLE001 (any failure to compile leaves the plain function, same results)
+        logging.getLogger(__name__).info("CpuDecoder runs its layers as plain Python: TorchScript failed (%s)", e)
+        return layer_loop
 
 
 def _stack(parts: list) -> tuple:

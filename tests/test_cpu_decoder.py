@@ -237,3 +237,30 @@ def test_chat_runs_on_the_decoder_and_says_when_it_cannot(tiny_model, tmp_path, 
 def test_engine_is_validated():
     with pytest.raises(utils.ConfigError, match="generation.engine"):
         utils.config_from_dict({"generation": {"engine": "fast"}})
+
+
+def test_the_layer_loop_runs_compiled_and_as_plain_python_alike(family, monkeypatch):
+    """The decoder's layer loop runs under TorchScript (Python's own overhead was a quarter of a
+    decode step); where scripting fails, the same function runs as plain Python. Both give the
+    same logits to the bit, for a prompt (SDPA) and for single tokens (the two-product path)."""
+    model, ids = adapted(family), prompt(family)
+    utils.decoder_layer_loop.cache_clear()
+
+    def fails(fn):
+        raise RuntimeError("no TorchScript here")
+    try:
+        compiled = utils.CpuDecoder(model, packed=False)
+        monkeypatch.setattr(torch.jit, "script", fails)
+        utils.decoder_layer_loop.cache_clear()
+        plain = utils.CpuDecoder(model, packed=False)
+    finally:
+        utils.decoder_layer_loop.cache_clear()  # the next decoder compiles again
+    assert isinstance(compiled.layer_loop, torch.jit.ScriptFunction)
+    assert not isinstance(plain.layer_loop, torch.jit.ScriptFunction)
+
+    def logits(decoder):
+        with torch.inference_mode():
+            return [decoder.forward(ids[:-3], 0, all_logits=True)] + [decoder.forward(ids[i:i + 1], i)
+                                                                        for i in range(len(ids) - 3, len(ids))]
+    for a, b in zip(logits(compiled), logits(plain)):
+        assert torch.equal(a, b), (a - b).abs().max()
