@@ -16,6 +16,7 @@ depend on the machine's mood. The variants switch off one part of utils' lean pa
   no_lean_layers   transformers' RMSNorm and MLP (no utils.lean_layers)
   plain_head       LM head + cross-entropy over all answer tokens at once (no utils.head_cross_entropy)
   bf16_attention   attention in the compute dtype (no utils.float32_attention)
+  dequantize_each  bitsandbytes dequantizes the 4-bit weights for every product (no utils.keep_dequantized)
   plain            all of the above
 With --recompute the bytes kept are the checkpointed layer inputs only (the rest is recomputed).
 """
@@ -35,7 +36,7 @@ import utils  # noqa: E402
 
 VARIANTS = {"project": set(), "no_shared_mask": {"shared"}, "peft_inputs": {"inputs"},
             "no_lean_layers": {"layers"}, "plain_head": {"head"}, "bf16_attention": {"attention"},
-            "plain": {"shared", "inputs", "layers", "head", "attention"}}
+            "dequantize_each": {"dequantized"}, "plain": {"shared", "inputs", "layers", "head", "attention", "dequantized"}}
 
 
 def plain_head(hidden, weight, labels):
@@ -47,7 +48,7 @@ def plain_head(hidden, weight, labels):
 def switched_off(parts: set):
     """utils with the named parts of the lean path replaced by what they stand in for."""
     saved = {name: getattr(utils, name)
-             for name in ("lean_lora_inputs", "lean_layers", "head_cross_entropy", "float32_attention")}
+             for name in ("lean_lora_inputs", "lean_layers", "head_cross_entropy", "float32_attention", "keep_dequantized")}
     if "inputs" in parts:
         utils.lean_lora_inputs = lambda model: 0
     if "layers" in parts:
@@ -56,6 +57,8 @@ def switched_off(parts: set):
         utils.head_cross_entropy = plain_head
     if "attention" in parts:
         utils.float32_attention = lambda model: False
+    if "dequantized" in parts:
+        utils.keep_dequantized = lambda model, setting: 0
     try:
         yield
     finally:
@@ -76,11 +79,13 @@ def step(model, batch, parts: set, dtype) -> tuple[float, int]:
     import torch
     lora_input = utils._lora_input_class()
     kept, seen = 0, set()
+    # weights kept for the whole run (utils.keep_dequantized's copies) are not memory per token
+    resident = {m.dequantized[1].untyped_storage().data_ptr() for m in model.modules() if hasattr(m, "dequantized")}
 
     def pack(t):
         nonlocal kept
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen:
+        if key not in seen and key[0] not in resident:
             seen.add(key)
             kept += key[1]
         return t

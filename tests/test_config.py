@@ -52,6 +52,16 @@ def test_gradient_checkpointing_is_a_switch_or_a_fraction(tmp_path, value, ok):
             utils.load_config(path)
 
 
+@pytest.mark.parametrize("value,ok", [("auto", True), (True, True), (False, True), ("yes", False), (1, False)])
+def test_keep_dequantized_is_auto_or_a_switch(tmp_path, value, ok):
+    path = write_config(tmp_path, training={"keep_dequantized": value})
+    if ok:
+        assert utils.load_config(path).training.keep_dequantized == value
+    else:
+        with pytest.raises(utils.ConfigError, match="training.keep_dequantized: (invalid value 'yes'.*use auto|must be)"):
+            utils.load_config(path)
+
+
 def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("training:\n  learning_rate: 2e-4\n")

@@ -291,10 +291,10 @@ def test_other_quantizations_train(tiny_model, tmp_path, quantization):
     assert metrics["quantization"] == quantization
 
 
-def lora_model_and_batch(tiny_model, lora: dict | None = None):
-    """The tiny model in 4-bit with LoRA (config defaults, or `lora`), and conftest's batch on
-    the model's device."""
-    cfg = utils.config_from_dict({"model": {"name": str(tiny_model)}, "lora": lora or {}})
+def lora_model_and_batch(tiny_model, lora: dict | None = None, training: dict | None = None):
+    """The tiny model in 4-bit with LoRA (config defaults, or `lora` / `training`), and
+    conftest's batch on the model's device."""
+    cfg = utils.config_from_dict({"model": {"name": str(tiny_model)}, "lora": lora or {}, "training": training or {}})
     source = utils.resolve_model(str(tiny_model))
     model = utils.attach_lora(utils.load_base_model(source, utils.pick_hardware("4bit")), cfg)
     return model, {k: v.to(model.device) for k, v in tiny_batch(tiny_model).items()}
@@ -518,3 +518,64 @@ def test_onednn_kernel_cache_holds_every_product_of_a_training_step(tiny_model):
     with Shapes(), torch.autocast(model.device.type, dtype=torch.bfloat16):
         utils.answer_token_loss(model, batch).backward()
     assert 10 < len(seen) <= int(os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]), len(seen)
+
+
+def test_kept_dequantized_weights_train_as_the_4bit_ones(tiny_model):
+    """training.keep_dequantized: the same loss and LoRA gradients as bitsandbytes' own products
+    (dropout off), the copy never in the model's state (checkpoints hold what they held), and a
+    copy on every 4-bit layer: the adapters' base layers and the MLP."""
+    runs = {}
+    for keep in (True, False):
+        torch.manual_seed(0)  # the same LoRA initialisation
+        model, batch = lora_model_and_batch(tiny_model, lora={"dropout": 0.0}, training={"keep_dequantized": keep})
+        loss = utils.answer_token_loss(model, batch)
+        loss.backward()
+        runs[keep] = (model, loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    kept, plain = runs[True][0], runs[False][0]
+    layers = [m for m in kept.modules() if type(m).__name__ == "Linear4bit" and not hasattr(m, "lora_A")]
+    assert layers and all(hasattr(m, "dequantized") for m in layers)
+    assert utils.dequantized_bytes(kept) == sum(m.dequantized[1].nbytes for m in layers) > 0
+    assert utils.dequantized_bytes(plain) == 0
+    assert kept.state_dict().keys() == plain.state_dict().keys()
+    assert abs(runs[True][1] - runs[False][1]) < 1e-6, (runs[True][1], runs[False][1])
+    for name, grad in runs[True][2].items():
+        assert torch.allclose(grad, runs[False][2][name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.filterwarnings("ignore:Merge lora module")  # peft's note on 4-bit rounding, expected here
+def test_kept_copy_follows_a_replaced_weight(tiny_model):
+    """A merge (peft writes a new 4-bit weight) must not leave the layer computing with the old
+    copy: after merge_adapter the layer equals bitsandbytes' own forward on the merged weight."""
+    import bitsandbytes as bnb
+    model, _ = lora_model_and_batch(tiny_model, training={"keep_dequantized": True})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    lora = next(m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    layer = lora.base_layer
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        before = layer(x)
+        assert torch.allclose(before, bnb.nn.Linear4bit.forward(layer, x), atol=1e-5)
+        lora.merge()
+        after = layer(x)
+        assert torch.allclose(after, bnb.nn.Linear4bit.forward(layer, x), atol=1e-5)
+    assert (after - before).abs().max() > 0.1
+
+
+def test_keep_dequantized_auto_keeps_the_copy_only_where_it_fits(tiny_model, monkeypatch):
+    """auto: on a CPU when the copy takes at most a quarter of the free memory; false never;
+    true always. The bytes are the weights' count in the compute dtype."""
+    import psutil
+    model, _ = lora_model_and_batch(tiny_model, training={"keep_dequantized": False})
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit" and not hasattr(m, "lora_A")]
+    need = sum(m.in_features * m.out_features * m.compute_dtype.itemsize for m in layers)
+    assert utils.keep_dequantized(model, False) == 0 == utils.dequantized_bytes(model)
+    free = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free._replace(available=4 * need - 1))
+    assert utils.keep_dequantized(model, "auto") == 0 == utils.dequantized_bytes(model)
+    assert utils.keep_dequantized(model, True) == need == utils.dequantized_bytes(model)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free._replace(available=4 * need))
+    model, _ = lora_model_and_batch(tiny_model)  # the default, auto
+    assert utils.dequantized_bytes(model) == need
