@@ -972,7 +972,7 @@ def keep_dequantized(model, setting) -> int:
     dtype, and products on that copy. On a CPU bitsandbytes dequantizes the whole weight for every
     product, forward and again backward: a training step of SmolLM2 is ~10-15% faster with the copy,
     same loss and gradients (README, Performance). It costs 2 bytes per weight in bf16 (SmolLM2:
-    212 MB), which undoes 4-bit's saving: `auto` keeps it on a CPU when it takes at most a quarter
+    202 MB), which undoes 4-bit's saving: `auto` keeps it on a CPU when it takes at most a quarter
     of the free memory; true keeps it anywhere, false never. The 4-bit weights stay what the model
     is (checkpoints, export and chat read them); a layer whose weight is replaced (a peft merge)
     dequantizes the new one. Returns the bytes kept."""
