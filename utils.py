@@ -1645,10 +1645,12 @@ def out_of_memory_explained(cfg: Config, trainer, config_path: str):
         found = list_checkpoints(cfg.output_dir)
         resume = (f"continue from {found[-1].name} with: python main.py train {config_path} --resume" if found
                   else "no checkpoint was written yet: train again")
+        kept = dequantized_bytes(trainer.model)
+        also = f" (and training.keep_dequantized: false frees {kept / 2 ** 20:.0f} MB)" if kept else ""
         raise UserError(
             f"out of memory at step {trainer.state.global_step} ({type(exc).__name__}). Lower "
             f"training.batch_size (raise training.gradient_accumulation_steps to keep the effective batch), "
-            f"lower model.max_length, or set training.gradient_checkpointing: true; then {resume}") from None
+            f"lower model.max_length, or set training.gradient_checkpointing: true{also}; then {resume}") from None
 
 
 class signals_set_flag:
@@ -1686,6 +1688,7 @@ def collect_metrics(cfg, hw, source, trainer, base_eval, final_eval, runtime, su
         "device": hw.device,
         "dtype": str(hw.dtype).replace("torch.", ""),
         "quantization": hw.quantization,
+        "dequantized_copy_mb": round(dequantized_bytes(trainer.model) / 2 ** 20, 1),  # training.keep_dequantized
         "base_eval_loss": base_eval,
         "final_eval_loss": final_eval,
         "best_eval_loss": state.best_metric,

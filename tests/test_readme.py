@@ -92,6 +92,8 @@ def test_out_of_memory_names_the_fix_and_training_resumes(tiny_model, tmp_path, 
     assert main.main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "error: out of memory at step 3" in err and "lower model.max_length" in err
+    # keep_dequantized: auto keeps the tiny model's copy on a CPU, and the message names it
+    assert ("training.keep_dequantized: false frees" in err) == (utils.pick_hardware("4bit").device == "cpu")
     assert f"continue from checkpoint-2 with: python main.py train {cfg} --resume" in err
     monkeypatch.setattr(utils, "build_trainer", real_build)
     assert main.main(["train", str(cfg), "--resume"]) == 0

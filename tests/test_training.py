@@ -50,6 +50,7 @@ def test_run_leaves_checkpoints_and_a_complete_final_folder(first_run):
     assert metrics["final_eval_loss"] < metrics["base_eval_loss"]
     assert metrics["best_step"] in (3, 6) and metrics["tokens_per_s"] > 0 and metrics["peak_memory_mb"] > 0
     assert metrics["quantization"] == "4bit" and metrics["device"] == utils.pick_hardware("4bit").device
+    assert (metrics["dequantized_copy_mb"] > 0) == (metrics["device"] == "cpu")  # keep_dequantized: auto
     saved = utils.config_from_dict(yaml.safe_load((final / "config.yaml").read_text()))
     assert saved.model.name == utils.load_config(cfg).model.name
 
@@ -288,7 +289,7 @@ def test_other_quantizations_train(tiny_model, tmp_path, quantization):
     cfg.write_text(yaml.safe_dump(raw))
     assert main.main(["train", str(cfg)]) == 0
     metrics = json.loads((tmp_path / "out" / "my_custom_llm_tiny-llama" / "metrics.json").read_text())
-    assert metrics["quantization"] == quantization
+    assert metrics["quantization"] == quantization and metrics["dequantized_copy_mb"] == 0  # 4-bit only
 
 
 def lora_model_and_batch(tiny_model, lora: dict | None = None, training: dict | None = None):
@@ -554,7 +555,7 @@ def test_kept_copy_follows_a_replaced_weight(tiny_model):
                 p.normal_(0, 0.5)
     lora = next(m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
     layer = lora.base_layer
-    x = torch.randn(3, layer.in_features)
+    x = torch.randn(3, layer.in_features, device=layer.weight.device)
     with torch.no_grad():
         before = layer(x)
         assert torch.allclose(before, bnb.nn.Linear4bit.forward(layer, x), atol=1e-5)
@@ -577,5 +578,5 @@ def test_keep_dequantized_auto_keeps_the_copy_only_where_it_fits(tiny_model, mon
     assert utils.keep_dequantized(model, "auto") == 0 == utils.dequantized_bytes(model)
     assert utils.keep_dequantized(model, True) == need == utils.dequantized_bytes(model)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: free._replace(available=4 * need))
-    model, _ = lora_model_and_batch(tiny_model)  # the default, auto
-    assert utils.dequantized_bytes(model) == need
+    model, _ = lora_model_and_batch(tiny_model)  # the default, auto: a CPU only
+    assert utils.dequantized_bytes(model) == (need if model.device.type == "cpu" else 0)
