@@ -970,7 +970,7 @@ DEQUANTIZED_SHARE = 0.25  # auto keeps the copy when it takes at most this share
 def keep_dequantized(model, setting) -> int:
     """Give every frozen 4-bit base layer a copy of its weight dequantized once, in the compute
     dtype, and products on that copy. On a CPU bitsandbytes dequantizes the whole weight for every
-    product, forward and again backward: a training step of SmolLM2 is ~10-15% faster with the copy,
+    product, forward and again backward: a training step of SmolLM2 is 7-15% faster with the copy,
     same loss and gradients (README, Performance). It costs 2 bytes per weight in bf16 (SmolLM2:
     202 MB), which undoes 4-bit's saving: `auto` keeps it on a CPU when it takes at most a quarter
     of the free memory; true keeps it anywhere, false never. The 4-bit weights stay what the model
@@ -982,7 +982,10 @@ def keep_dequantized(model, setting) -> int:
         import bitsandbytes as bnb
     except Exception:
         return 0
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    # a weight bitsandbytes has repacked for its CPU kernel reads wrongly when dequantized (PITFALLS);
+    # training never repacks (guard_bnb_cpu_repack), anything else keeps bitsandbytes' own forward
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)
+              and not getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
     if setting is False or not layers:
         return 0
     itemsize = torch.empty(0, dtype=layers[0].compute_dtype or torch.float32).element_size()
