@@ -546,7 +546,7 @@ def test_kept_dequantized_weights_train_as_the_4bit_ones(tiny_model):
 @pytest.mark.filterwarnings("ignore:Merge lora module")  # peft's note on 4-bit rounding, expected here
 def test_kept_copy_follows_a_replaced_weight(tiny_model):
     """A merge (peft writes a new 4-bit weight) must not leave the layer computing with the old
-    copy: after merge_adapter the layer equals bitsandbytes' own forward on the merged weight."""
+    copy: after a merge the layer equals bitsandbytes' own forward on the merged weight."""
     import bitsandbytes as bnb
     model, _ = lora_model_and_batch(tiny_model, training={"keep_dequantized": True})
     with torch.no_grad():
