@@ -1714,6 +1714,7 @@ def format_targets(targets) -> str:
 
 def print_start_summary(cfg, hw, source, fallback, model, trainer, summary, token_stats, checkpoint):
     trainable, total = count_parameters(model)
+    kept = dequantized_bytes(model)
     args = trainer.args
     effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     lines = [
@@ -1722,7 +1723,7 @@ def print_start_summary(cfg, hw, source, fallback, model, trainer, summary, toke
         f"Device:       {hw.device}, compute dtype {str(hw.dtype).replace('torch.', '')}, "
         f"quantization {hw.quantization}" + (" (NF4, double quant)" if hw.quantization == "4bit" else "")
         + (f"; kept dequantized for training (+{kept / 2 ** 20:.0f} MB; training.keep_dequantized: false saves it)"
-           if (kept := dequantized_bytes(model)) else ""),
+           if kept else ""),
         f"LoRA:         r={cfg.lora.r} alpha={cfg.lora.alpha} dropout={cfg.lora.dropout} "
         f"targets={format_targets(model.peft_config['default'].target_modules)}",
         f"Parameters:   {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
@@ -2024,7 +2025,7 @@ class CpuDecoder:
         H, KV = self.heads, self.kv_heads
         order = torch.cat([rows(H), H * d + rows(KV), torch.arange((H + KV) * d, (H + 2 * KV) * d)])
         scaling = getattr(first, "scaling", d ** -0.5)
-        self.layers = []
+        self.n_layers, flat = len(inner.layers), []  # flat: four products per layer, in the loop's order
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             w, b = (dense_weight(attn.qkv_proj) if hasattr(attn, "qkv_proj") else
@@ -2035,15 +2036,14 @@ class CpuDecoder:
                 b[:H * d] *= scaling
             gate_up = (dense_weight(mlp.gate_up_proj) if hasattr(mlp, "gate_up_proj") else
                        _stack([dense_weight(mlp.gate_proj), dense_weight(mlp.up_proj)]))
-            self.layers.append((self._pack(w * layer.input_layernorm.weight.float(), b),
-                                self._pack(*dense_weight(attn.o_proj)),
-                                self._pack(gate_up[0] * layer.post_attention_layernorm.weight.float(), gate_up[1]),
-                                self._pack(*dense_weight(mlp.down_proj))))
+            flat += [self._pack(w * layer.input_layernorm.weight.float(), b),
+                     self._pack(*dense_weight(attn.o_proj)),
+                     self._pack(gate_up[0] * layer.post_attention_layernorm.weight.float(), gate_up[1]),
+                     self._pack(*dense_weight(mlp.down_proj))]
         self.head = self._pack(base.get_output_embeddings().weight.float() * inner.norm.weight.float(), None)
         self.embed = base.get_input_embeddings().weight.detach()
         self.k = self.v = None  # the cache is made by the first forward
         self._product = torch.ops.quantized.linear_dynamic_fp16 if packed else (lambda x, w: F.linear(x, *w))
-        flat = [w for products in self.layers for w in products]  # four per layer, in the loop's order
         self.weights = (flat, [], []) if packed else ([], [w for w, _ in flat], [b for _, b in flat])
         self.layer_loop = decoder_layer_loop()
 
@@ -2068,7 +2068,7 @@ class CpuDecoder:
         if length <= self.capacity:
             return
         size = max(length, 2 * self.capacity)
-        shape = (len(self.layers), rows, self.kv_heads, size, self.head_dim)
+        shape = (self.n_layers, rows, self.kv_heads, size, self.head_dim)
         k, v = torch.zeros(shape), torch.zeros(shape)
         if self.k is not None:
             k[:, :, :, :self.capacity], v[:, :, :, :self.capacity] = self.k, self.v
