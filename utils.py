@@ -1051,6 +1051,10 @@ def _register_float32_sdpa() -> str:
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.float()
         with torch.autocast(query.device.type, enabled=False):
+            layout = kwargs.get("shared_prefix")
+            if layout is not None:  # utils.decoder_hidden_states; its own mask applies, not transformers'
+                out = shared_prefix_attention(query.float(), key.float(), value.float(), scaling, layout)
+                return out.transpose(1, 2).contiguous().to(query.dtype), None
             if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:  # transformers decides
                 out, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
                                                 dropout, scaling, is_causal, **kwargs)
@@ -1375,8 +1379,9 @@ def answer_token_loss(model, inputs: dict, num_items_in_batch=None):
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
         return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep],
                                                  reduction="sum") / denominator
-    hidden = base.get_decoder()(input_ids=inputs["input_ids"],
-                                attention_mask=inputs.get("attention_mask")).last_hidden_state
+    prefix = shared_prefix_length(base, inputs, keep)
+    hidden = decoder_hidden_states(base, inputs, prefix)
+    keep, labels = keep[:, prefix:], labels[:, prefix:]  # the hidden states start after the shared prefix
     head = base.get_output_embeddings()
     cap = getattr(base.config, "final_logit_softcapping", None)  # Gemma 2
     if cap or head.weight.requires_grad or getattr(head, "bias", None) is not None:
@@ -1387,6 +1392,113 @@ def answer_token_loss(model, inputs: dict, num_items_in_batch=None):
     else:
         loss = head_cross_entropy(hidden[:, :-1][keep], head.weight, labels[keep])
     return loss / denominator
+
+
+# Leading positions a batch must share before they are computed once (below this, splitting
+# each layer's attention in two costs more than the positions saved).
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix_length(base, inputs: dict, keep) -> int:
+    """How many leading positions every row of the batch has in common and can be computed once:
+    the chat template's header and the system prompt, which open every example (86 of SmolLM2's
+    ~204 tokens per bundled example). Causal attention makes those positions' hidden states the
+    same in every row. Never past the first position any row's loss reads (keep: the shifted
+    answer mask), nor into padding. 0 (no sharing) for one row, a short prefix, or a model not on
+    this project's CPU attention function (utils.float32_attention: GPUs, eager attention) or with
+    sliding-window or other non-plain cache layers (Gemma 2)."""
+    import torch
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+    if ids.shape[0] < 2 or not shares_prefix(base.config):
+        return 0
+    same = (ids == ids[:1]).all(0)
+    if mask is not None:
+        same &= mask.bool().all(0)
+    common = int(same.int().cumprod(0).sum())
+    first_loss = torch.where(keep.any(1), keep.int().argmax(1), keep.shape[1]).min()
+    prefix = min(common, int(first_loss))
+    return prefix if prefix >= MIN_SHARED_PREFIX else 0
+
+
+def shares_prefix(config) -> bool:
+    """Whether the model computes attention through sdpa_float32 (which lays a shared prefix out)
+    over plain full-attention layers (sliding-window and hybrid caches are left to the plain path)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    if config._attn_implementation != "sdpa_float32":
+        return False
+    try:
+        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+    except Exception:  # a config the cache cannot read: do not share
+        return False
+
+
+@dataclass
+class SharedPrefix:
+    """A batch laid out as one sequence: the prefix its rows share (`length` positions) once, then
+    each row's remainder (`rows` x `rest` positions, right-padded). sdpa_float32 reads it from the
+    attention kwargs and counts the layers that did, so a layer that never saw it is caught."""
+    length: int
+    rows: int
+    rest: int
+    layers_seen: int = 0
+    mask: object = None
+
+
+def decoder_hidden_states(base, inputs: dict, prefix: int):
+    """The decoder's last hidden states (rows x positions x width), from position `prefix` on.
+    With a shared prefix the batch goes through the layers as one sequence, the prefix once and
+    then every row's remainder with its own positions: every product and norm runs on prefix +
+    rows x remainder positions instead of rows x (prefix + remainder), in one pass, and attention
+    lets each remainder see the prefix and itself (sdpa_float32); autograd sums the rows'
+    gradients into the one prefix. LoRA dropout on the prefix then draws one mask for all rows
+    instead of one per row; without dropout the loss and gradients are those of the plain pass
+    (tests, on several families)."""
+    import torch
+    decoder = base.get_decoder()
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+    if not prefix:
+        return decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    rows, length = ids.shape
+    layout = SharedPrefix(prefix, rows, length - prefix)
+    flat = torch.cat([ids[0, :prefix], ids[:, prefix:].reshape(-1)])[None]
+    positions = torch.arange(length, device=ids.device)
+    positions = torch.cat([positions[:prefix], positions[prefix:].repeat(rows)])[None]
+    hidden = decoder(input_ids=flat, position_ids=positions, shared_prefix=layout).last_hidden_state
+    layers = base.config.get_text_config().num_hidden_layers
+    if layout.layers_seen != layers:  # a layer attended over the flat sequence as one causal sequence
+        raise RuntimeError(f"shared prefix: {layout.layers_seen} of {layers} attention layers saw the layout")
+    return hidden[0, prefix:].unflatten(0, (rows, length - prefix))
+
+
+def shared_prefix_attention(query, key, value, scaling, layout: SharedPrefix):
+    """Attention over a SharedPrefix layout (1 x heads x positions x width, float32): the prefix
+    causal on itself; each row's remainder on the prefix's keys and values (repeated, not copied
+    per query) and causally on its own, one batched kernel call. Returns the layout's positions."""
+    import torch
+    import torch.nn.functional as F
+    p, rows, rest = layout.length, layout.rows, layout.rest
+    gqa = key.shape[1] != query.shape[1]
+    # the prefix's keys and values copied out, so the kernels keep those and the per-row ones for
+    # backward, not also the whole flat tensors they were cut from
+    key_p, value_p = key[:, :, :p].contiguous(), value[:, :, :p].contiguous()
+    head = F.scaled_dot_product_attention(query[:, :, :p], key_p, value_p, is_causal=True, scale=scaling,
+                                          enable_gqa=gqa)
+
+    def per_row(t):  # 1 x h x (rows x rest) x d  ->  rows x h x rest x d
+        return t[0, :, p:].unflatten(1, (rows, rest)).transpose(0, 1)
+
+    def with_prefix(prefix, t):
+        return torch.cat([prefix.expand(rows, -1, -1, -1), per_row(t)], dim=2)
+
+    if layout.mask is None:  # one for all layers: row query i sees the prefix and its own keys up to i; additive
+        # float, as the kernel would otherwise turn a boolean mask into one per call and keep each for backward
+        seen = torch.ones(rest, p + rest, dtype=torch.bool, device=query.device).tril(p)
+        layout.mask = torch.zeros(seen.shape, device=query.device).masked_fill_(~seen, float("-inf"))
+    tail = F.scaled_dot_product_attention(per_row(query), with_prefix(key_p, key), with_prefix(value_p, value),
+                                          attn_mask=layout.mask, scale=scaling, enable_gqa=gqa)
+    layout.layers_seen += 1
+    return torch.cat([head, tail.transpose(0, 1).flatten(1, 2)[None]], dim=2)
 
 
 # Answer tokens per slice of logits: 64 x 49k float32 = 12.6 MB for SmolLM2 (49 MB for Phi-4-mini's
@@ -1735,6 +1847,10 @@ def print_start_summary(cfg, hw, source, fallback, model, trainer, summary, toke
         f" x {args.world_size} process(es) = {effective} examples per step; "
         f"eval+save every {args.eval_steps} steps; max {args.max_steps} steps",
     ]
+    prefix = shared_prefix_shown(model, trainer)
+    if prefix:
+        lines.append(f"Shared:       the first {prefix} tokens every example opens with (chat template and system "
+                     f"prompt) computed once per micro-batch of {args.per_device_train_batch_size}")
     if hw.note:
         lines.insert(2, f"Warning:      {hw.note}")
     if not summary["validation"]:
@@ -1743,6 +1859,16 @@ def print_start_summary(cfg, hw, source, fallback, model, trainer, summary, toke
     if checkpoint:
         lines.append(f"Resuming:     from {checkpoint}")
     print("\n".join(lines), flush=True)
+
+
+def shared_prefix_shown(model, trainer) -> int:
+    """The prefix shared_prefix_length will compute once in a micro-batch, from the first two
+    training examples."""
+    rows = trainer.train_dataset
+    if trainer.args.per_device_train_batch_size < 2 or len(rows) < 2:
+        return 0
+    batch = trainer.data_collator([rows[0], rows[1]])
+    return shared_prefix_length(model.get_base_model(), batch, batch["labels"][:, 1:] != IGNORE_INDEX)
 
 
 def print_end_summary(metrics: dict, final: Path, config_path: str) -> None:

@@ -17,6 +17,7 @@ depend on the machine's mood. The variants switch off one part of utils' lean pa
   plain_head       LM head + cross-entropy over all answer tokens at once (no utils.head_cross_entropy)
   bf16_attention   attention in the compute dtype (no utils.float32_attention)
   dequantize_each  bitsandbytes dequantizes the 4-bit weights for every product (no utils.keep_dequantized)
+  no_shared_prefix every row computes the system prompt it shares with the others (no utils.shared_prefix_length)
   plain            all of the above
 With --recompute the bytes kept are the checkpointed layer inputs only (the rest is recomputed).
 """
@@ -36,7 +37,9 @@ import utils  # noqa: E402
 
 VARIANTS = {"project": set(), "no_shared_mask": {"shared"}, "peft_inputs": {"inputs"},
             "no_lean_layers": {"layers"}, "plain_head": {"head"}, "bf16_attention": {"attention"},
-            "dequantize_each": {"dequantized"}, "plain": {"shared", "inputs", "layers", "head", "attention", "dequantized"}}
+            "dequantize_each": {"dequantized"}, "no_shared_prefix": {"prefix"},
+            "plain": {"shared", "inputs", "layers", "head", "attention", "dequantized", "prefix"}}
+STEP_PARTS = {"head", "prefix"}  # switched off when a step runs, not when the model is built
 
 
 def plain_head(hidden, weight, labels):
@@ -47,8 +50,8 @@ def plain_head(hidden, weight, labels):
 @contextlib.contextmanager
 def switched_off(parts: set):
     """utils with the named parts of the lean path replaced by what they stand in for."""
-    saved = {name: getattr(utils, name)
-             for name in ("lean_lora_inputs", "lean_layers", "head_cross_entropy", "float32_attention", "keep_dequantized")}
+    saved = {name: getattr(utils, name) for name in ("lean_lora_inputs", "lean_layers", "head_cross_entropy",
+                                                     "float32_attention", "keep_dequantized", "MIN_SHARED_PREFIX")}
     if "inputs" in parts:
         utils.lean_lora_inputs = lambda model: 0
     if "layers" in parts:
@@ -59,6 +62,8 @@ def switched_off(parts: set):
         utils.float32_attention = lambda model: False
     if "dequantized" in parts:
         utils.keep_dequantized = lambda model, setting: 0
+    if "prefix" in parts:
+        utils.MIN_SHARED_PREFIX = sys.maxsize
     try:
         yield
     finally:
@@ -67,8 +72,7 @@ def switched_off(parts: set):
 
 
 def build(source, hw, cfg, parts: set):
-    # the head is picked at call time (step), not when the model is built
-    with switched_off(parts - {"head"}):
+    with switched_off(parts - STEP_PARTS):
         model = utils.attach_lora(utils.load_base_model(source, hw), cfg)
     model.train()
     return model
@@ -96,7 +100,7 @@ def step(model, batch, parts: set, dtype) -> tuple[float, int]:
             hooks = [m.register_forward_pre_hook(lambda *_: setattr(lora_input, "last", None))  # recompute
                      for m in model.modules() if isinstance(m, lora_input)]
             stack.callback(lambda: [h.remove() for h in hooks])
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), switched_off(parts & {"head"}), \
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), switched_off(parts & STEP_PARTS), \
                 torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = utils.answer_token_loss(model, batch)
         loss.backward()

@@ -35,6 +35,7 @@ that workload's median round. The other workloads run once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -204,6 +205,29 @@ def counting(collate, log: list):
     return wrapped
 
 
+@contextlib.contextmanager
+def recording_shared_prefixes(log: list):
+    """Adds to each training micro-batch of `log` (in the collator's order) the positions that
+    utils.shared_prefix_length let it skip: (rows - 1) x prefix, and their causal attention pairs."""
+    real, prefixes = utils.shared_prefix_length, []
+
+    def recorded(base, inputs, keep):
+        prefix = real(base, inputs, keep)
+        if base.training:
+            prefixes.append((inputs["input_ids"].shape[0], prefix))
+        return prefix
+
+    utils.shared_prefix_length = recorded
+    try:
+        yield
+    finally:
+        utils.shared_prefix_length = real
+        for entry, (rows, prefix) in zip(log, prefixes):
+            assert entry["examples"] == rows, "micro-batches out of step with the collator's log"
+            entry["shared"] = (rows - 1) * prefix
+            entry["shared_ctx"] = (rows - 1) * prefix * (prefix + 1) // 2
+
+
 def model_shape(model) -> dict:
     """Parameter counts that set the FLOPs: every matmul weight (4-bit layers counted by their
     logical in x out size), the LM head apart, LoRA, and the attention width."""
@@ -233,10 +257,13 @@ def training_flops(shape: dict, batches: list[dict]) -> float:
                    no weight gradient), the LM head only where a token carries loss
       LoRA         6 per adapter parameter per real token (forward 2, backward 4)
       attention    QK^T and AV: 4 x width FLOPs per (query, key) pair forward, x3 with backward,
-                   over the causal pairs n(n+1)/2 of each real sequence, in every layer."""
-    real = sum(b["real"] for b in batches)
+                   over the causal pairs n(n+1)/2 of each real sequence, in every layer.
+    A prefix the rows of a micro-batch share (utils.shared_prefix_length) is computed once, so
+    it counts once: the FLOPs are those the work needs, and MFU stays a measure of the hardware
+    (the real tokens per second count every row's prefix, as they are the data trained on)."""
+    real = sum(b["real"] - b.get("shared", 0) for b in batches)
     loss = sum(b["loss"] for b in batches)
-    ctx = sum(b["attn_ctx"] for b in batches)
+    ctx = sum(b["attn_ctx"] - b.get("shared_ctx", 0) for b in batches)
     return (4 * shape["matmul_params_body"] * real + 4 * shape["matmul_params_head"] * loss
             + 6 * shape["lora_params"] * real + 12 * shape["layers"] * shape["attn_width"] * ctx)
 
@@ -279,9 +306,11 @@ def summarise(name: str, timer, log: list, accum: int, warmup: int, shape: dict,
     real = sum(b["real"] for b in batches)
     positions = sum(b["positions"] for b in batches)
     flops = training_flops(shape, batches)
+    shared = sum(b.get("shared", 0) for b in batches)
     return {"workload": name, "steps_timed": len(timed), "warmup_steps": warmup, "seconds": round(seconds, 2),
             "examples": sum(b["examples"] for b in batches), "real_tokens": real,
-            "computed_positions": positions, "padding_fraction": round(1 - real / max(positions, 1), 3),
+            "computed_positions": positions - shared, "padding_fraction": round(1 - real / max(positions, 1), 3),
+            "shared_prefix_positions": shared,
             "real_tokens_per_s": round(real / seconds, 1),
             "examples_per_s": round(sum(b["examples"] for b in batches) / seconds, 3),
             "flops_per_real_token": round(flops / max(real, 1)), "train_gflops": round(flops / seconds / 1e9, 1),
@@ -311,7 +340,8 @@ def workload_project(opts, name: str = "project", sets: tuple = ()) -> dict:
     trainer.add_callback(timer)
     trainer.data_collator = counting(trainer.data_collator, log)
     rss_before = peak_rss_mb()
-    trainer.train()
+    with recording_shared_prefixes(log):
+        trainer.train()
     peak = peak_rss_mb()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h][opts.warmup:]
     extra = {"peak_memory_mb": round(peak, 1), **peak_reserved_mb(), "peak_memory_before_train_mb": round(rss_before, 1),
@@ -658,12 +688,14 @@ def print_table(results: dict) -> None:
     w = results["workloads"]
     print(f"\n{results['machine']['cpu']}, {results['machine']['cores']} cores, torch "
           f"{results['machine']['torch']}, {results['machine']['device']}; model {results['model']}")
-    print(f"{'training':<16}{'real tok/s':>11}{'ex/s':>7}{'pad %':>7}{'MFU':>7}{'peak MB':>9}{'eval loss':>11}{'recomputed':>12}")
+    print(f"{'training':<16}{'real tok/s':>11}{'ex/s':>7}{'pad %':>7}{'shared %':>9}{'MFU':>7}{'peak MB':>9}"
+          f"{'eval loss':>11}{'recomputed':>12}")
     for name in ("seed_recipe", "project", "recompute_all", "phi4_mini_shape"):
         if name in w:
             r = w[name]
             print(f"{name:<16}{r['real_tokens_per_s']:>11.1f}{r['examples_per_s']:>7.2f}"
-                  f"{100 * r['padding_fraction']:>7.1f}{100 * r['mfu']:>6.1f}%{r['peak_memory_mb']:>9.0f}"
+                  f"{100 * r['padding_fraction']:>7.1f}{100 * r['shared_prefix_positions'] / max(r['real_tokens'], 1):>9.1f}"
+                  f"{100 * r['mfu']:>6.1f}%{r['peak_memory_mb']:>9.0f}"
                   f"{r['eval_loss_answer_tokens']:>11.4f}{100 * r['checkpointed_layers']:>11.0f}%")
     rows = {name: g for name, g in w.get("generation", {}).get("formats", {}).items()}
     gg = w.get("generation_gguf", {})

@@ -18,6 +18,9 @@ import utils  # noqa: E402
 from tiny import build_tiny_model  # noqa: E402
 
 SHORT_SYSTEM = "You are a careful medical assistant."
+# long enough that a batch's rows share a prefix worth computing once (utils.MIN_SHARED_PREFIX)
+LONG_SYSTEM = ("You are a careful medical information assistant, and you are an AI, not a doctor. Give "
+               "accurate, general health information in plain language.")
 DECODER, GENERATE = utils.ENGINE_DECODER, utils.ENGINE_GENERATE
 
 
@@ -109,9 +112,10 @@ def loss_and_grads(model, batch, autocast: bool):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def tiny_batch(folder):
+def tiny_batch(folder, system: str = "Be careful.", questions=None):
     tokenizer, _ = utils.load_tokenizer(utils.resolve_model(str(folder)))
-    rows = [utils.render_example(tokenizer, [{"role": "user", "content": f"Is rest good for a cold {i}?"},
+    questions = questions or [f"Is rest good for a cold {i}?" for i in range(3)]
+    rows = [utils.render_example(tokenizer, [{"role": "user", "content": q},
                                              {"role": "assistant", "content": "Yes, rest and fluids. " * (i + 1)}],
-                                 "Be careful.", 256) for i in range(3)]
+                                 system, 256) for i, q in enumerate(questions)]
     return utils.PadCollator(tokenizer.pad_token_id)(rows)

@@ -12,7 +12,7 @@ import ab  # noqa: E402
 import bench  # noqa: E402
 
 TRAINING_FIELDS = {"steps_timed": int, "warmup_steps": int, "seconds": float, "examples": int, "real_tokens": int,
-                   "computed_positions": int, "padding_fraction": float, "real_tokens_per_s": float,
+                   "computed_positions": int, "shared_prefix_positions": int, "padding_fraction": float, "real_tokens_per_s": float,
                    "examples_per_s": float, "flops_per_real_token": int, "train_gflops": float, "mfu": float,
                    "peak_memory_mb": float, "eval_loss_answer_tokens": float, "checkpointed_layers": float,
                    "compute_dtype": str, "reference": dict}
@@ -61,6 +61,9 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
     # The seed recipe pads to max_length and checkpoints; the project trains on answers only and,
     # as config.yaml ships, recomputes nothing.
     assert w["seed_recipe"]["computed_positions"] >= w["project"]["computed_positions"]
+    # The project computes the system prompt its micro-batches share once; the seed in every row.
+    assert w["project"]["shared_prefix_positions"] > 0 and w["recompute_all"]["shared_prefix_positions"] > 0
+    assert w["seed_recipe"]["shared_prefix_positions"] == 0
     assert w["seed_recipe"]["checkpointed_layers"] == 1.0 and w["recompute_all"]["checkpointed_layers"] == 1.0
     assert w["project"]["checkpointed_layers"] == 0.0
     # a user's override reaches both sides of the comparison (the seed keeps its own recipe)
@@ -145,3 +148,4 @@ def test_ab_harness_compares_every_variant_and_the_lean_path_keeps_less():
     assert kept["project"] == min(v for k, v in kept.items() if k != "bf16_attention")
     assert kept["plain"] == max(kept.values())
     assert kept["project"] < kept["no_shared_mask"]  # q, k and v share one mask
+    assert kept["project"] < kept["no_shared_prefix"]  # the system prompt's positions kept once

@@ -2,13 +2,14 @@
 with that family's chat template trains and answers; LoRA lands on the right modules; the
 answer's labels end with the family's end-of-turn token, which also stops generation."""
 import json
+import sys
 
 import pytest
 import yaml
 
 import main
 import utils
-from conftest import lean_and_plain, loss_and_grads, qa_rows, tiny_batch, tiny_config
+from conftest import LONG_SYSTEM, lean_and_plain, loss_and_grads, qa_rows, tiny_batch, tiny_config
 from tiny import FAMILIES, build_tiny_model
 
 
@@ -110,3 +111,52 @@ def test_lean_layers_compute_what_the_family_computes(family):
     assert abs(lean_loss - plain_loss) < 1e-5
     for key in plain_grads:
         assert torch.allclose(lean_grads[key], plain_grads[key], rtol=1e-4, atol=1e-7), key
+
+
+def shared_and_plain(model, batch, monkeypatch):
+    """Loss and LoRA gradients with the batch's shared prefix computed once, then in every row."""
+    shared = loss_and_grads(model, batch, autocast=False)
+    with monkeypatch.context() as m:
+        m.setattr(utils, "MIN_SHARED_PREFIX", sys.maxsize)
+        plain = loss_and_grads(model, batch, autocast=False)
+    return shared, plain
+
+
+def assert_same(shared, plain):
+    import torch
+    assert abs(shared[0] - plain[0]) < 1e-5
+    for key, grad in plain[1].items():
+        assert torch.allclose(shared[1][key], grad, rtol=1e-4, atol=1e-7), key
+
+
+def test_a_shared_system_prompt_is_computed_once_to_the_same_loss_and_gradients(family, monkeypatch):
+    """Every row of a batch opens with the template's header and the system prompt: computed once
+    (a key/value cache repeated per row, utils.decoder_hidden_states), the loss and the LoRA
+    gradients must be the plain pass's (no dropout: the same arithmetic). Gemma 2's sliding-window
+    cache is left to the plain pass."""
+    name, folder = family
+    lean, _ = lean_and_plain(folder)
+    base = lean.get_base_model()
+    batch = tiny_batch(folder, LONG_SYSTEM)
+    keep = batch["labels"][:, 1:] != utils.IGNORE_INDEX
+    prefix = utils.shared_prefix_length(base, batch, keep)
+    if name == "gemma2":
+        assert prefix == 0 and not utils.shares_prefix(base.config)
+        return
+    tokenizer, _ = utils.load_tokenizer(utils.resolve_model(str(folder)))
+    assert LONG_SYSTEM in tokenizer.decode(batch["input_ids"][0, :prefix])
+    assert_same(*shared_and_plain(lean, batch, monkeypatch))
+
+
+def test_a_shared_prefix_stops_where_the_loss_starts(family, monkeypatch):
+    """Rows with the same question share everything up to the answer: the prefix ends at the last
+    prompt position (whose hidden state predicts the first answer token), not inside the answer."""
+    name, folder = family
+    if name == "gemma2":
+        pytest.skip("sliding-window cache: no shared prefix (previous test)")
+    lean, _ = lean_and_plain(folder)
+    batch = tiny_batch(folder, LONG_SYSTEM, questions=["Is rest good for a cold?"] * 2)
+    keep = batch["labels"][:, 1:] != utils.IGNORE_INDEX
+    assert (batch["input_ids"][0, :40] == batch["input_ids"][1, :40]).all()
+    assert utils.shared_prefix_length(lean.get_base_model(), batch, keep) == int(keep[0].int().argmax())
+    assert_same(*shared_and_plain(lean, batch, monkeypatch))

@@ -14,7 +14,8 @@ import yaml
 
 import main
 import utils
-from conftest import ROOT, SHORT_SYSTEM, lean_and_plain, loss_and_grads, qa_rows, tiny_batch, tiny_config, write_jsonl
+from conftest import (LONG_SYSTEM, ROOT, SHORT_SYSTEM, lean_and_plain, loss_and_grads, qa_rows, tiny_batch, tiny_config,
+                      write_jsonl)
 
 FINAL_FILES = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja", "config.yaml", "metrics.json", "loss.png"}
@@ -310,6 +311,37 @@ def test_answer_token_loss_equals_the_models_own_loss(tiny_model):
         own = model(**batch).loss.item()
         assert abs(utils.answer_token_loss(model, batch) - own) < 1e-3
         assert abs(2 * utils.answer_token_loss(model, batch, 2 * answer_tokens) - own) < 1e-3
+        # with a system prompt long enough to be computed once for all rows (shared prefix)
+        long = {k: v.to(model.device) for k, v in tiny_batch(tiny_model, LONG_SYSTEM).items()}
+        keep = long["labels"][:, 1:] != utils.IGNORE_INDEX
+        assert utils.shared_prefix_length(model.get_base_model(), long, keep) >= utils.MIN_SHARED_PREFIX
+        assert abs(utils.answer_token_loss(model, long) - model(**long).loss.item()) < 1e-3
+
+
+def test_a_shared_prefix_with_recomputed_layers_and_dropout(tiny_model):
+    """The shared layout reaches recomputed (checkpointed) layers too: the same loss and gradients
+    as without recomputation. With dropout on, the prefix's adapters still get gradients from
+    every row; a single row shares nothing."""
+    model, _ = lora_model_and_batch(tiny_model, lora={"dropout": 0.0})
+    base = model.get_base_model()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    batch = {k: v.to(model.device) for k, v in tiny_batch(tiny_model, LONG_SYSTEM).items()}
+    keep = batch["labels"][:, 1:] != utils.IGNORE_INDEX
+    assert utils.shared_prefix_length(base, batch, keep) >= utils.MIN_SHARED_PREFIX
+    assert utils.shared_prefix_length(base, {k: v[:1] for k, v in batch.items()}, keep[:1]) == 0
+    kept_loss, kept_grads = loss_and_grads(model, batch, autocast=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss, grads = loss_and_grads(model, batch, autocast=False)
+    assert abs(loss - kept_loss) < 1e-5
+    for key, grad in kept_grads.items():
+        assert torch.allclose(grads[key], grad, rtol=1e-4, atol=1e-6), key
+    model.gradient_checkpointing_disable()
+    dropped, _ = lora_model_and_batch(tiny_model, lora={"dropout": 0.5})  # lora_B starts at zero
+    loss, grads = loss_and_grads(dropped, batch, autocast=False)
+    assert loss > 0 and all(g.abs().sum() > 0 for k, g in grads.items() if "lora_B" in k)
 
 
 def test_freed_memory_goes_back_to_the_system_after_each_step(tiny_model, tmp_path):
