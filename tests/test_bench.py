@@ -12,8 +12,9 @@ import ab  # noqa: E402
 import bench  # noqa: E402
 
 TRAINING_FIELDS = {"steps_timed": int, "warmup_steps": int, "seconds": float, "examples": int, "real_tokens": int,
-                   "computed_positions": int, "shared_prefix_positions": int, "padding_fraction": float, "real_tokens_per_s": float,
-                   "examples_per_s": float, "flops_per_real_token": int, "train_gflops": float, "mfu": float,
+                   "computed_positions": int, "shared_prefix_positions": int, "padding_fraction": float,
+                   "real_tokens_per_s": float, "examples_per_s": float, "flops_per_real_token": int, "train_gflops": float, "mfu": float,
+                   "train_gflops_unshared": float, "mfu_unshared": float,
                    "peak_memory_mb": float, "eval_loss_answer_tokens": float, "checkpointed_layers": float,
                    "compute_dtype": str, "reference": dict}
 GENERATION_FIELDS = {"prompt_tokens": int, "question_tokens": int, "new_tokens": int, "ttft_s": float,
@@ -64,6 +65,8 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
     # The project computes the system prompt its micro-batches share once; the seed in every row.
     assert w["project"]["shared_prefix_positions"] > 0 and w["recompute_all"]["shared_prefix_positions"] > 0
     assert w["seed_recipe"]["shared_prefix_positions"] == 0
+    # MFU counts the prefix once (the FLOPs computed); counted in every row it would be higher
+    assert w["project"]["mfu_unshared"] > w["project"]["mfu"] and w["seed_recipe"]["mfu_unshared"] == w["seed_recipe"]["mfu"]
     assert w["seed_recipe"]["checkpointed_layers"] == 1.0 and w["recompute_all"]["checkpointed_layers"] == 1.0
     assert w["project"]["checkpointed_layers"] == 0.0
     # a user's override reaches both sides of the comparison (the seed keeps its own recipe)
@@ -125,7 +128,8 @@ def test_phi4_mini_shape_workload_builds_the_shape_and_trains_it(tiny_model, mon
     monkeypatch.chdir(ROOT)
     opts = argparse.Namespace(model=None, steps=1, warmup=1, eval_examples=2, set=[])
     r = bench.workload_phi4_mini_shape(opts)
-    check(r, {k: v for k, v in TRAINING_FIELDS.items() if k not in ("mfu", "reference")}, "phi4_mini_shape")
+    skipped = ("mfu", "mfu_unshared", "reference")  # no hardware reference measured in this call
+    check(r, {k: v for k, v in TRAINING_FIELDS.items() if k not in skipped}, "phi4_mini_shape")
     assert r["workload"] == "phi4_mini_shape" and r["steps_timed"] == 1 and r["real_tokens"] > 0
     # measured as configs/phi4-mini.yaml trains: every layer recomputed, at the batch its figures quote
     assert (r["checkpointed_layers"], r["batch_size"], r["grad_accum"]) == (1.0, 4, 2)
