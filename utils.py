@@ -1409,7 +1409,7 @@ def shared_prefix_length(base, inputs: dict, keep) -> int:
     sliding-window or other non-plain cache layers (Gemma 2)."""
     import torch
     ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-    if ids.shape[0] < 2 or not shares_prefix(base.config):
+    if ids.shape[0] < 2 or getattr(base, "shared_prefix_failed", False) or not shares_prefix(base.config):
         return 0
     same = (ids == ids[:1]).all(0)
     if mask is not None:
@@ -1464,10 +1464,19 @@ def decoder_hidden_states(base, inputs: dict, prefix: int):
     flat = torch.cat([ids[0, :prefix], ids[:, prefix:].reshape(-1)])[None]
     positions = torch.arange(length, device=ids.device)
     positions = torch.cat([positions[:prefix], positions[prefix:].repeat(rows)])[None]
-    hidden = decoder(input_ids=flat, position_ids=positions, shared_prefix=layout).last_hidden_state
     layers = base.config.get_text_config().num_hidden_layers
-    if layout.layers_seen != layers:  # a layer attended over the flat sequence as one causal sequence
-        raise RuntimeError(f"shared prefix: {layout.layers_seen} of {layers} attention layers saw the layout")
+    try:
+        hidden = decoder(input_ids=flat, position_ids=positions, shared_prefix=layout).last_hidden_state
+    except TypeError as e:  # a decoder (remote code) that takes no extra keyword arguments
+        if "shared_prefix" not in str(e):
+            raise
+    if layout.layers_seen != layers:  # a layer never passed the layout on: it attended over the flat
+        # sequence as one causal sequence, so that result is wrong; this model runs the plain pass
+        logging.getLogger(__name__).warning("%s: the shared prefix reached %d of %d attention layers; computing "
+                                            "every row in full from now on", type(base).__name__,
+                                            layout.layers_seen, layers)
+        base.shared_prefix_failed = True
+        return decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, prefix:]
     return hidden[0, prefix:].unflatten(0, (rows, length - prefix))
 
 

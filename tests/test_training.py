@@ -344,6 +344,32 @@ def test_a_shared_prefix_with_recomputed_layers_and_dropout(tiny_model):
     assert loss > 0 and all(g.abs().sum() > 0 for k, g in grads.items() if "lora_B" in k)
 
 
+def test_a_layer_that_drops_the_shared_layout_falls_back_to_the_plain_pass(tiny_model, caplog):
+    """A decoder layer that does not pass its keyword arguments on to attention (remote code) would
+    attend over the flat layout as one sequence: caught by the count of layers that saw it, the
+    batch is computed again in full, said once, and the model shares nothing from then on."""
+    model, _ = lora_model_and_batch(tiny_model)
+    base = model.get_base_model()
+    batch = {k: v.to(model.device) for k, v in tiny_batch(tiny_model, LONG_SYSTEM).items()}
+    keep = batch["labels"][:, 1:] != utils.IGNORE_INDEX
+    attention = base.get_decoder().layers[0].self_attn
+    forward = attention.forward
+
+    def dropping(*args, **kwargs):
+        kwargs.pop("shared_prefix", None)
+        return forward(*args, **kwargs)
+
+    attention.forward = dropping
+    with torch.no_grad():
+        plain = model(**batch).loss.item()
+        assert utils.shared_prefix_length(base, batch, keep) > 0
+        with caplog.at_level("WARNING"):
+            loss = utils.answer_token_loss(model, batch).item()
+    assert abs(loss - plain) < 1e-3
+    assert "reached 1 of 2 attention layers" in caplog.text
+    assert utils.shared_prefix_length(base, batch, keep) == 0
+
+
 def test_freed_memory_goes_back_to_the_system_after_each_step(tiny_model, tmp_path):
     """On glibc the trainer returns freed arena memory every step (peak RSS 1,768 -> 1,492 MB over
     30 default steps: make bench / the note in utils); the callback must be attached and callable."""
