@@ -1454,11 +1454,19 @@ def decoder_hidden_states(base, inputs: dict, prefix: int):
     gradients into the one prefix. LoRA dropout on the prefix then draws one mask for all rows
     instead of one per row; without dropout the loss and gradients are those of the plain pass
     (tests, on several families)."""
-    import torch
     decoder = base.get_decoder()
     ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-    if not prefix:
-        return decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    hidden = shared_prefix_pass(base, decoder, ids, prefix) if prefix else None
+    if hidden is None:  # nothing shared, or a model that cannot lay it out
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, prefix:]
+    return hidden
+
+
+def shared_prefix_pass(base, decoder, ids, prefix: int):
+    """decoder_hidden_states over the SharedPrefix layout; None (and this model never shares
+    again) where a decoder layer did not pass the layout on to attention: such a layer attended
+    over the flat sequence as one causal sequence, so its result is wrong."""
+    import torch
     rows, length = ids.shape
     layout = SharedPrefix(prefix, rows, length - prefix)
     flat = torch.cat([ids[0, :prefix], ids[:, prefix:].reshape(-1)])[None]
@@ -1470,13 +1478,12 @@ def decoder_hidden_states(base, inputs: dict, prefix: int):
     except TypeError as e:  # a decoder (remote code) that takes no extra keyword arguments
         if "shared_prefix" not in str(e):
             raise
-    if layout.layers_seen != layers:  # a layer never passed the layout on: it attended over the flat
-        # sequence as one causal sequence, so that result is wrong; this model runs the plain pass
+    if layout.layers_seen != layers:
         logging.getLogger(__name__).warning("%s: the shared prefix reached %d of %d attention layers; computing "
                                             "every row in full from now on", type(base).__name__,
                                             layout.layers_seen, layers)
         base.shared_prefix_failed = True
-        return decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, prefix:]
+        return None
     return hidden[0, prefix:].unflatten(0, (rows, length - prefix))
 
 
