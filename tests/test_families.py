@@ -131,7 +131,7 @@ def assert_same(shared, plain):
 
 def test_a_shared_system_prompt_is_computed_once_to_the_same_loss_and_gradients(family, monkeypatch):
     """Every row of a batch opens with the template's header and the system prompt: computed once
-    (a key/value cache repeated per row, utils.decoder_hidden_states), the loss and the LoRA
+    (the batch as one sequence, the prefix once, utils.decoder_hidden_states), the loss and the LoRA
     gradients must be the plain pass's (no dropout: the same arithmetic). Gemma 2's sliding-window
     cache is left to the plain pass."""
     name, folder = family
@@ -141,7 +141,7 @@ def test_a_shared_system_prompt_is_computed_once_to_the_same_loss_and_gradients(
     keep = batch["labels"][:, 1:] != utils.IGNORE_INDEX
     prefix = utils.shared_prefix_length(base, batch, keep)
     if name == "gemma2":
-        assert prefix == 0 and not utils.shares_prefix(base.config)
+        assert prefix == 0 and not utils.shares_prefix(base)
         return
     tokenizer, _ = utils.load_tokenizer(utils.resolve_model(str(folder)))
     assert LONG_SYSTEM in tokenizer.decode(batch["input_ids"][0, :prefix])

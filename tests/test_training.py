@@ -332,6 +332,11 @@ def test_a_shared_prefix_with_recomputed_layers_and_dropout(tiny_model):
     keep = batch["labels"][:, 1:] != utils.IGNORE_INDEX
     assert utils.shared_prefix_length(base, batch, keep) >= utils.MIN_SHARED_PREFIX
     assert utils.shared_prefix_length(base, {k: v[:1] for k, v in batch.items()}, keep[:1]) == 0
+    base.set_attn_implementation("eager")  # the decision is kept on the model, per implementation
+    assert utils.shared_prefix_length(base, batch, keep) == 0
+    base.set_attn_implementation("sdpa")
+    assert utils.float32_attention(model)
+    assert utils.shared_prefix_length(base, batch, keep) >= utils.MIN_SHARED_PREFIX
     kept_loss, kept_grads = loss_and_grads(model, batch, autocast=False)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     loss, grads = loss_and_grads(model, batch, autocast=False)
