@@ -1053,7 +1053,8 @@ def _register_float32_sdpa() -> str:
         with torch.autocast(query.device.type, enabled=False):
             layout = kwargs.get("shared_prefix")
             if layout is not None:  # utils.decoder_hidden_states; its own mask applies, not transformers'
-                out = shared_prefix_attention(query.float(), key.float(), value.float(), scaling, layout)
+                attend = shared_prefix_attention if isinstance(layout, SharedPrefix) else step_prefix_attention
+                out = attend(module, query.float(), key.float(), value.float(), scaling, layout)
                 return out.transpose(1, 2).contiguous().to(query.dtype), None
             if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:  # transformers decides
                 out, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
@@ -1364,12 +1365,14 @@ def training_arguments(cfg: Config, hw: Hardware, has_eval: bool, eval_steps: in
     )
 
 
-def answer_token_loss(model, inputs: dict, num_items_in_batch=None):
+def answer_token_loss(model, inputs: dict, num_items_in_batch=None, step: "StepPrefix | None" = None):
     """Causal-LM loss with the LM head applied only where a label is set. The head (49k x 576 for
     SmolLM2, a fifth of its FLOPs) and its float32 logits (batch x length x 49k, the largest
     activation of a step) are wasted on the system prompt, question and padding, which carry no
     loss. Same value as the model's own loss: summed cross-entropy over the shifted answer tokens,
-    divided by the answer tokens of the whole accumulated batch (the Trainer's num_items_in_batch)."""
+    divided by the answer tokens of the whole accumulated batch (the Trainer's num_items_in_batch).
+    With `step` (training, gradients on) the prefix shared with the step's other micro-batches is
+    computed once per step; the caller flushes `step` before it reads the gradients."""
     import torch
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     labels = inputs["labels"][:, 1:]
@@ -1379,8 +1382,11 @@ def answer_token_loss(model, inputs: dict, num_items_in_batch=None):
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
         return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep],
                                                  reduction="sum") / denominator
-    prefix = shared_prefix_length(base, inputs, keep)
-    hidden = decoder_hidden_states(base, inputs, prefix)
+    if step is not None and torch.is_grad_enabled():
+        prefix, hidden = step_prefix_hidden_states(base, inputs, keep, step)
+    else:
+        prefix = shared_prefix_length(base, inputs, keep)
+        hidden = decoder_hidden_states(base, inputs, prefix)
     keep, labels = keep[:, prefix:], labels[:, prefix:]  # the hidden states start after the shared prefix
     head = base.get_output_embeddings()
     cap = getattr(base.config, "final_logit_softcapping", None)  # Gemma 2
@@ -1399,17 +1405,18 @@ def answer_token_loss(model, inputs: dict, num_items_in_batch=None):
 MIN_SHARED_PREFIX = 16
 
 
-def shared_prefix_length(base, inputs: dict, keep) -> int:
+def shared_prefix_length(base, inputs: dict, keep, min_rows: int = 2) -> int:
     """How many leading positions every row of the batch has in common and can be computed once:
     the chat template's header and the system prompt, which open every example (86 of SmolLM2's
     ~204 tokens per bundled example). Causal attention makes those positions' hidden states the
     same in every row. Never past the first position any row's loss reads (keep: the shifted
-    answer mask), nor into padding. 0 (no sharing) for one row, a short prefix, or a model not on
+    answer mask), nor into padding. 0 (no sharing) for fewer than min_rows rows (a single row shares
+    only with the other micro-batches of its step: StepPrefix), a short prefix, or a model not on
     this project's CPU attention function (utils.float32_attention: GPUs, eager attention) or with
     sliding-window or other non-plain cache layers (Gemma 2)."""
     import torch
     ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-    if ids.shape[0] < 2 or getattr(base, "shared_prefix_failed", False) or not shares_prefix(base):
+    if ids.shape[0] < min_rows or getattr(base, "shared_prefix_failed", False) or not shares_prefix(base):
         return 0
     same = (ids == ids[:1]).all(0)
     if mask is not None:
@@ -1481,22 +1488,17 @@ def shared_prefix_pass(base, decoder, ids, prefix: int):
     flat = torch.cat([ids[0, :prefix], ids[:, prefix:].reshape(-1)])[None]
     positions = torch.arange(length, device=ids.device)
     positions = torch.cat([positions[:prefix], positions[prefix:].repeat(rows)])[None]
-    layers = base.config.get_text_config().num_hidden_layers
     try:
         hidden = decoder(input_ids=flat, position_ids=positions, shared_prefix=layout).last_hidden_state
     except TypeError as e:  # a decoder (remote code) that takes no extra keyword arguments
         if "shared_prefix" not in str(e):
             raise
-    if layout.layers_seen != layers:
-        logging.getLogger(__name__).warning("%s: the shared prefix reached %d of %d attention layers; computing "
-                                            "every row in full from now on", type(base).__name__,
-                                            layout.layers_seen, layers)
-        base.shared_prefix_failed = True
+    if not reached_every_layer(base, layout):
         return None
     return hidden[0, prefix:].unflatten(0, (rows, length - prefix))
 
 
-def shared_prefix_attention(query, key, value, scaling, layout: SharedPrefix):
+def shared_prefix_attention(module, query, key, value, scaling, layout: SharedPrefix):
     """Attention over a SharedPrefix layout (1 x heads x positions x width, float32): the prefix
     causal on itself; each row's remainder on the prefix's keys and values (repeated, not copied
     per query) and causally on its own, one batched kernel call. Returns the layout's positions."""
@@ -1516,14 +1518,155 @@ def shared_prefix_attention(query, key, value, scaling, layout: SharedPrefix):
     def with_prefix(prefix, t):
         return torch.cat([prefix.expand(rows, -1, -1, -1), per_row(t)], dim=2)
 
-    if layout.mask is None:  # one for all layers: row query i sees the prefix and its own keys up to i; additive
-        # float, as the kernel would otherwise turn a boolean mask into one per call and keep each for backward
-        seen = torch.ones(rest, p + rest, dtype=torch.bool, device=query.device).tril(p)
-        layout.mask = torch.zeros(seen.shape, device=query.device).masked_fill_(~seen, float("-inf"))
+    if layout.mask is None:
+        layout.mask = prefix_mask(p, rest, query.device)
     tail = F.scaled_dot_product_attention(per_row(query), with_prefix(key_p, key), with_prefix(value_p, value),
                                           attn_mask=layout.mask, scale=scaling, enable_gqa=gqa)
     layout.layers_seen += 1
     return torch.cat([head, tail.transpose(0, 1).flatten(1, 2)[None]], dim=2)
+
+
+def prefix_mask(prefix: int, rest: int, device):
+    """The mask of `rest` queries that follow a `prefix` of keys: query i sees the prefix and its own
+    keys up to i. One for all layers; additive float, as the kernel would otherwise turn a boolean
+    mask into one per call and keep each for backward."""
+    import torch
+    seen = torch.ones(rest, prefix + rest, dtype=torch.bool, device=device).tril(prefix)
+    return torch.zeros(seen.shape, device=device).masked_fill_(~seen, float("-inf"))
+
+
+class StepPrefix:
+    """The prefix the micro-batches of an optimizer step share (the template's header and the
+    system prompt), computed once per step instead of once per micro-batch. A pass over the prefix
+    alone (one row) keeps every layer's keys and values in its graph; the micro-batches attend to
+    detached copies of them (leaves), so their backward passes sum the prefix's gradient into the
+    leaves, and flush() sends that sum back through the prefix pass once, before the optimizer reads
+    the gradients. Exact, as the weights do not change inside a step (tests: a whole step's LoRA
+    gradients against the plain pass's). The trainer owns one and flushes it at the end of every
+    accumulation window (AnswerLossTrainer.training_step); whoever else passes one to
+    answer_token_loss must flush it before reading the gradients."""
+
+    def __init__(self):
+        self.ids = None   # the prefix's token ids (1-D)
+        self.kv = {}      # layer index -> (key, value) of the prefix pass, float32, in its graph
+        self.leaves = {}  # layer index -> (key, value) the micro-batches attend to
+        self.built = 0    # positions the last micro-batch computed for a new prefix (0: it reused one)
+
+    def common(self, ids) -> int:
+        """How many leading positions of `ids` (1-D) are this step's prefix."""
+        if self.ids is None:
+            return 0
+        n = min(len(ids), len(self.ids))
+        return int((ids[:n] == self.ids[:n]).int().cumprod(0).sum())
+
+    def flush(self) -> None:
+        import torch
+        outputs, grads = [], []
+        for i, pair in self.kv.items():
+            for out, leaf in zip(pair, self.leaves[i]):
+                if leaf.grad is not None:
+                    outputs.append(out)
+                    grads.append(leaf.grad)
+        self.ids, self.kv, self.leaves = None, {}, {}
+        if outputs:
+            torch.autograd.backward(outputs, grads)
+
+
+@dataclass
+class StepLayout:
+    """What sdpa_float32 reads while a StepPrefix is in use: `record` for the prefix's own pass,
+    else a micro-batch's rows, which start after the first `length` positions of the prefix."""
+    prefix: StepPrefix
+    length: int
+    record: bool = False
+    recording: bool = False
+    layers_seen: int = 0
+    mask: object = None
+
+
+def step_prefix_hidden_states(base, inputs: dict, keep, step: StepPrefix):
+    """(positions skipped, hidden states after them) as decoder_hidden_states gives them, with the
+    prefix the batch shares with the step's other micro-batches taken from `step`. A micro-batch
+    whose rows share more than the step's prefix (the same first question word) still reuses it
+    and computes the rest per row; one that shares less than MIN_SHARED_PREFIX with it (another
+    system prompt) flushes it and starts a new one."""
+    import torch
+    ids = inputs["input_ids"]
+    rows, length = ids.shape
+    step.built = 0
+    prefix = shared_prefix_length(base, inputs, keep, min_rows=1)
+    reuse = step.common(ids[0, :prefix]) if prefix else 0
+    if prefix and reuse < MIN_SHARED_PREFIX:
+        step.flush()
+        reuse = prefix if step_prefix_pass(base, ids[0, :prefix], step) else 0
+        step.built = reuse
+    if not reuse:
+        return 0, decoder_hidden_states(base, inputs, 0)
+    layout = StepLayout(step, reuse)
+    positions = torch.arange(reuse, length, device=ids.device).expand(rows, -1)
+    hidden = base.get_decoder()(input_ids=ids[:, reuse:], position_ids=positions, shared_prefix=layout).last_hidden_state
+    if not reached_every_layer(base, layout):  # cannot happen after a prefix pass that did; kept as a guard
+        return 0, decoder_hidden_states(base, inputs, 0)
+    return reuse, hidden
+
+
+def step_prefix_pass(base, ids, step: StepPrefix) -> bool:
+    """The prefix's own pass, keeping every layer's keys and values in `step`; False (and this
+    model never shares again) where a layer did not pass the layout on to attention."""
+    import torch
+    layout = StepLayout(step, len(ids), record=True, recording=True)
+    positions = torch.arange(len(ids), device=ids.device)[None]
+    try:
+        base.get_decoder()(input_ids=ids[None], position_ids=positions, shared_prefix=layout)
+    except TypeError as e:  # a decoder (remote code) that takes no extra keyword arguments
+        if "shared_prefix" not in str(e):
+            raise
+    finally:
+        layout.recording = False
+    if not reached_every_layer(base, layout) or len(step.kv) != layout.layers_seen:
+        base.shared_prefix_failed = True
+        step.kv = {}
+        return False
+    step.ids = ids
+    step.leaves = {i: tuple(t.detach().requires_grad_() for t in pair) for i, pair in step.kv.items()}
+    return True
+
+
+def reached_every_layer(base, layout) -> bool:
+    """Whether every decoder layer passed the layout on to attention. One that did not attended
+    over its input as one plain causal sequence, so its result is wrong: warned once, and this model
+    computes every row in full from then on."""
+    layers = base.config.get_text_config().num_hidden_layers
+    if layout.layers_seen == layers:
+        return True
+    logging.getLogger(__name__).warning("%s: the shared prefix reached %d of %d attention layers; computing "
+                                        "every row in full from now on", type(base).__name__,
+                                        layout.layers_seen, layers)
+    base.shared_prefix_failed = True
+    return False
+
+
+def step_prefix_attention(module, query, key, value, scaling, layout: StepLayout):
+    """Attention for a StepLayout (float32): the prefix's pass is plain causal and records its keys
+    and values; a micro-batch's rows see the prefix's leaves (cut to `length`) and causally their own
+    keys. Indexed by the layer's own index: recomputed layers (checkpointing) run in reverse order."""
+    import torch
+    import torch.nn.functional as F
+    i = getattr(module, "layer_idx", None)
+    gqa = key.shape[1] != query.shape[1]
+    if i is None:  # not counted: the caller falls back to the plain pass
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+    layout.layers_seen += 1
+    if layout.record:
+        if layout.recording:  # not when a recomputed layer (checkpointing) runs again in backward
+            layout.prefix.kv[i] = key, value
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+    rows, rest, p = query.shape[0], query.shape[2], layout.length
+    key_p, value_p = (t[:, :, :p].expand(rows, -1, -1, -1) for t in layout.prefix.leaves[i])
+    if layout.mask is None:
+        layout.mask = prefix_mask(p, rest, query.device)
+    return F.scaled_dot_product_attention(query, torch.cat([key_p, key], 2), torch.cat([value_p, value], 2),
+                                          attn_mask=layout.mask, scale=scaling, enable_gqa=gqa)
 
 
 # Answer tokens per slice of logits: 64 x 49k float32 = 12.6 MB for SmolLM2 (49 MB for Phi-4-mini's
@@ -1585,14 +1728,31 @@ def _answer_loss_trainer():
     from transformers import Trainer
 
     class AnswerLossTrainer(Trainer):
-        """The Trainer with answer_token_loss. A model wrapped for several processes (DDP) must be
-        called through its wrapper to sync gradients: it keeps the model's own loss."""
+        """The Trainer with answer_token_loss, the shared prefix computed once per optimizer step
+        (StepPrefix). A model wrapped for several processes (DDP) must be called through its wrapper
+        to sync gradients: it keeps the model's own loss."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.step_prefix, self.step_prefix_of = StepPrefix(), None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model is not self.accelerator.unwrap_model(model) or "labels" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss = answer_token_loss(model, inputs, num_items_in_batch)
+            # one micro-batch a step: its rows share the prefix in one pass (decoder_hidden_states)
+            step = self.step_prefix if model.training and self.args.gradient_accumulation_steps > 1 else None
+            if step is not None and step.ids is not None and self.step_prefix_of != self.state.global_step:
+                raise RuntimeError(f"the shared prefix of optimizer step {self.step_prefix_of} was never flushed: "
+                                   "its gradient is missing from that step")
+            loss = answer_token_loss(model, inputs, num_items_in_batch, step)
+            self.step_prefix_of = self.state.global_step
             return (loss, {"loss": loss}) if return_outputs else loss
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.accelerator.sync_gradients:  # the window's last micro-batch: before clipping and the optimizer
+                self.step_prefix.flush()
+            return loss
 
     return AnswerLossTrainer
 
@@ -1874,8 +2034,11 @@ def print_start_summary(cfg, hw, source, fallback, model, trainer, summary, toke
     ]
     prefix = shared_prefix_shown(model, trainer)
     if prefix:
+        once = (f"optimizer step of {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} examples"
+                if args.gradient_accumulation_steps > 1
+                else f"micro-batch of {args.per_device_train_batch_size}")
         lines.append(f"Shared:       the first {prefix} tokens every example opens with (chat template and system "
-                     f"prompt) computed once per micro-batch of {args.per_device_train_batch_size}")
+                     f"prompt) computed once per {once}")
     if hw.note:
         lines.insert(2, f"Warning:      {hw.note}")
     if not summary["validation"]:
@@ -1887,10 +2050,11 @@ def print_start_summary(cfg, hw, source, fallback, model, trainer, summary, toke
 
 
 def shared_prefix_shown(model, trainer) -> int:
-    """The prefix shared_prefix_length will compute once in a micro-batch, from the first two
-    training examples."""
+    """The prefix computed once per micro-batch (shared_prefix_length) or, with gradient
+    accumulation, per optimizer step (StepPrefix), from the first two training examples."""
     rows = trainer.train_dataset
-    if trainer.args.per_device_train_batch_size < 2 or len(rows) < 2:
+    examples = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+    if examples < 2 or len(rows) < 2:
         return 0
     batch = trainer.data_collator([rows[0], rows[1]])
     return shared_prefix_length(model.get_base_model(), batch, batch["labels"][:, 1:] != IGNORE_INDEX)

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/ab.py                  # bundled SmolLM2, 2 x ~212 tokens, 5 rounds: ~3 minutes
     .venv/bin/python benchmarks/ab.py --batch 4 --recompute
+    .venv/bin/python benchmarks/ab.py --accum 4 --only project --only micro_batch_prefix   # a whole step
     .venv/bin/python benchmarks/ab.py --smoke          # tiny random model, seconds (what the tests run)
 
 This machine's speed swings up to 2x from minute to minute, so separate runs cannot tell a 10%
@@ -18,6 +19,8 @@ depend on the machine's mood. The variants switch off one part of utils' lean pa
   bf16_attention   attention in the compute dtype (no utils.float32_attention)
   dequantize_each  bitsandbytes dequantizes the 4-bit weights for every product (no utils.keep_dequantized)
   no_shared_prefix every row computes the system prompt it shares with the others (no utils.shared_prefix_length)
+  micro_batch_prefix  with --accum above 1: the shared prefix once per micro-batch, not once per step
+                   (no utils.StepPrefix)
   plain            all of the above
 With --recompute the bytes kept are the checkpointed layer inputs only (the rest is recomputed).
 """
@@ -37,9 +40,9 @@ import utils  # noqa: E402
 
 VARIANTS = {"project": set(), "no_shared_mask": {"shared"}, "peft_inputs": {"inputs"},
             "no_lean_layers": {"layers"}, "plain_head": {"head"}, "bf16_attention": {"attention"},
-            "dequantize_each": {"dequantized"}, "no_shared_prefix": {"prefix"},
-            "plain": {"shared", "inputs", "layers", "head", "attention", "dequantized", "prefix"}}
-STEP_PARTS = {"head", "prefix"}  # switched off when a step runs, not when the model is built
+            "dequantize_each": {"dequantized"}, "no_shared_prefix": {"prefix"}, "micro_batch_prefix": {"step"},
+            "plain": {"shared", "inputs", "layers", "head", "attention", "dequantized", "prefix", "step"}}
+STEP_PARTS = {"head", "prefix", "step"}  # switched off when a step runs, not when the model is built
 
 
 def plain_head(hidden, weight, labels):
@@ -78,8 +81,10 @@ def build(source, hw, cfg, parts: set):
     return model
 
 
-def step(model, batch, parts: set, dtype) -> tuple[float, int]:
-    """Seconds for one forward + backward, and the bytes kept for backward."""
+def step(model, batches: list[dict], parts: set, dtype) -> tuple[float, int]:
+    """Seconds for one optimizer step's forward + backward passes (one per micro-batch, as the
+    Trainer runs them: the shared prefix once per step when there are several, utils.StepPrefix),
+    and the bytes kept for backward."""
     import torch
     lora_input = utils._lora_input_class()
     kept, seen = 0, set()
@@ -100,10 +105,17 @@ def step(model, batch, parts: set, dtype) -> tuple[float, int]:
             hooks = [m.register_forward_pre_hook(lambda *_: setattr(lora_input, "last", None))  # recompute
                      for m in model.modules() if isinstance(m, lora_input)]
             stack.callback(lambda: [h.remove() for h in hooks])
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), switched_off(parts & STEP_PARTS), \
-                torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = utils.answer_token_loss(model, batch)
-        loss.backward()
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+        stack.enter_context(switched_off(parts & STEP_PARTS))
+        prefix = utils.StepPrefix() if len(batches) > 1 and "step" not in parts else None
+        answers = sum(int((b["labels"][:, 1:] != utils.IGNORE_INDEX).sum()) for b in batches)
+        for batch in batches:
+            seen.clear()  # a storage freed by the last micro-batch's backward may come back at the same address
+            with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = utils.answer_token_loss(model, batch, answers, prefix)
+            loss.backward()
+        if prefix is not None:
+            prefix.flush()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start, kept
 
@@ -112,6 +124,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny random model, 2 rounds: seconds")
     parser.add_argument("--batch", type=int, default=2, help="examples in the batch (default 2)")
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per step, each of --batch examples "
+                        "(default 1)")
     parser.add_argument("--rounds", type=int, help="timed rounds per variant (default 5; smoke 2)")
     parser.add_argument("--recompute", action="store_true", help="gradient checkpointing on every layer")
     parser.add_argument("--only", action="append", choices=list(VARIANTS), help="variants to compare (default all)")
@@ -129,9 +143,11 @@ def main(argv=None) -> int:
     source = utils.resolve_model(model_name)
     tokenizer, _ = utils.load_tokenizer(source)
     train_ds, _, _ = utils.build_datasets(tokenizer, train_rows, val_rows, cfg)
-    middle = sorted(train_ds, key=lambda r: len(r["input_ids"]))[len(train_ds) // 2:][:opts.batch]
-    batch = {k: v.to(hw.device) for k, v in utils.PadCollator(tokenizer.pad_token_id)(middle).items()}
-    tokens = int(batch["attention_mask"].sum())
+    middle = sorted(train_ds, key=lambda r: len(r["input_ids"]))[len(train_ds) // 2:][:opts.batch * opts.accum]
+    collate = utils.PadCollator(tokenizer.pad_token_id)
+    batch = [{k: v.to(hw.device) for k, v in collate(middle[i:i + opts.batch]).items()}
+             for i in range(0, len(middle), opts.batch)]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batch)
     names = opts.only or list(VARIANTS)
     models = {name: build(source, hw, cfg, VARIANTS[name]) for name in names}
     layers = models[names[0]].get_base_model().config.num_hidden_layers
@@ -146,13 +162,13 @@ def main(argv=None) -> int:
         for name in names:
             seconds, kept[name] = step(models[name], batch, VARIANTS[name], hw.dtype)
             times[name].append(seconds)
-    print(f"{source.note}\n{opts.batch} examples, {tokens} real tokens, {layers} layers, "
+    print(f"{source.note}\n{len(batch)} x {opts.batch} examples, {tokens} real tokens, {layers} layers, "
           f"{'every layer recomputed' if opts.recompute else 'no recomputation'}, {rounds} rounds, {hw.dtype}")
-    print(f"{'variant':<16}{'median s':>10}{'vs project':>12}{'KB kept / token / layer':>25}   rounds (s)")
+    print(f"{'variant':<20}{'median s':>10}{'vs project':>12}{'KB kept / token / layer':>25}   rounds (s)")
     base = statistics.median(times[names[0]])
     for name in names:
         median = statistics.median(times[name])
-        print(f"{name:<16}{median:>10.3f}{median / base:>11.2f}x{kept[name] / tokens / layers / 1024:>25.1f}   "
+        print(f"{name:<20}{median:>10.3f}{median / base:>11.2f}x{kept[name] / tokens / layers / 1024:>25.1f}   "
               + " ".join(f"{t:.3f}" for t in times[name]))
     return 0
 

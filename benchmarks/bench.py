@@ -207,25 +207,34 @@ def counting(collate, log: list):
 
 @contextlib.contextmanager
 def recording_shared_prefixes(log: list):
-    """Adds to each training micro-batch of `log` (in the collator's order) the positions that
-    utils.shared_prefix_length let it skip: (rows - 1) x prefix, and their causal attention pairs."""
-    real, prefixes = utils.shared_prefix_length, []
+    """Adds to each training micro-batch of `log` (in the collator's order) the positions it did
+    not compute because they were shared, and their causal attention pairs: each of its rows
+    reused `reused` leading positions, and it computed `built` of them once. Within the
+    micro-batch (utils.shared_prefix_length, one micro-batch a step) reused = built = the prefix;
+    across the step (utils.StepPrefix) the micro-batch that starts a prefix computes it once and
+    the others reuse it."""
+    length, step_states, prefixes = utils.shared_prefix_length, utils.step_prefix_hidden_states, []
 
-    def recorded(base, inputs, keep):
-        prefix = real(base, inputs, keep)
-        if base.training:
-            prefixes.append((inputs["input_ids"].shape[0], prefix))
+    def recorded(base, inputs, keep, min_rows=2):
+        prefix = length(base, inputs, keep, min_rows)
+        if base.training and min_rows == 2:  # the micro-batch's own prefix (the step's asks with min_rows=1)
+            prefixes.append((inputs["input_ids"].shape[0], prefix, prefix))
         return prefix
 
-    utils.shared_prefix_length = recorded
+    def recorded_step(base, inputs, keep, step):
+        reused, hidden = step_states(base, inputs, keep, step)
+        prefixes.append((inputs["input_ids"].shape[0], reused, step.built))
+        return reused, hidden
+
+    utils.shared_prefix_length, utils.step_prefix_hidden_states = recorded, recorded_step
     try:
         yield
     finally:
-        utils.shared_prefix_length = real
-        for entry, (rows, prefix) in zip(log, prefixes):
+        utils.shared_prefix_length, utils.step_prefix_hidden_states = length, step_states
+        for entry, (rows, reused, built) in zip(log, prefixes):
             assert entry["examples"] == rows, "micro-batches out of step with the collator's log"
-            entry["shared"] = (rows - 1) * prefix
-            entry["shared_ctx"] = (rows - 1) * prefix * (prefix + 1) // 2
+            entry["shared"] = rows * reused - built
+            entry["shared_ctx"] = rows * reused * (reused + 1) // 2 - built * (built + 1) // 2
 
 
 def model_shape(model) -> dict:
@@ -258,9 +267,9 @@ def training_flops(shape: dict, batches: list[dict]) -> float:
       LoRA         6 per adapter parameter per real token (forward 2, backward 4)
       attention    QK^T and AV: 4 x width FLOPs per (query, key) pair forward, x3 with backward,
                    over the causal pairs n(n+1)/2 of each real sequence, in every layer.
-    A prefix the rows of a micro-batch share (utils.shared_prefix_length) is computed once, so
-    it counts once: the FLOPs are those the work needs, and MFU stays a measure of the hardware
-    (the real tokens per second count every row's prefix, as they are the data trained on)."""
+    A prefix the rows of a step share (utils.StepPrefix, utils.shared_prefix_length) is computed
+    once, so it counts once: the FLOPs are those the work needs, and MFU stays a measure of the
+    hardware (the real tokens per second count every row's prefix, as they are the data trained on)."""
     real = sum(b["real"] - b.get("shared", 0) for b in batches)
     loss = sum(b["loss"] for b in batches)
     ctx = sum(b["attn_ctx"] - b.get("shared_ctx", 0) for b in batches)

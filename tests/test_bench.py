@@ -153,3 +153,16 @@ def test_ab_harness_compares_every_variant_and_the_lean_path_keeps_less():
     assert kept["plain"] == max(kept.values())
     assert kept["project"] < kept["no_shared_mask"]  # q, k and v share one mask
     assert kept["project"] < kept["no_shared_prefix"]  # the system prompt's positions kept once
+
+
+def test_ab_harness_runs_whole_steps_and_the_step_keeps_its_prefix_once():
+    """benchmarks/ab.py --accum: a step of several micro-batches, as the Trainer runs it. The
+    system prompt's positions are kept once per step (utils.StepPrefix), not once per micro-batch."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--smoke", "--accum", "3",
+                           "--only", "project", "--only", "micro_batch_prefix"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "3 x 2 examples" in proc.stdout
+    kept = {line.split()[0]: float(line.split()[3]) for line in proc.stdout.splitlines()
+            if line.split() and line.split()[0] in ab.VARIANTS}
+    assert kept["project"] < kept["micro_batch_prefix"]

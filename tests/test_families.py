@@ -148,6 +148,64 @@ def test_a_shared_system_prompt_is_computed_once_to_the_same_loss_and_gradients(
     assert_same(*shared_and_plain(lean, batch, monkeypatch))
 
 
+def step_loss_and_grads(model, batches, step, recompute: bool):
+    """Summed loss and LoRA gradients of one optimizer step over `batches` (float32), the prefix
+    shared across them through `step` (utils.StepPrefix) or, with None, as answer_token_loss does
+    without one."""
+    model.train()
+    model.zero_grad()
+    if recompute:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    total = 0.0
+    for batch in batches:
+        loss = utils.answer_token_loss(model, batch, step=step)
+        loss.backward()
+        total += loss.item()
+    if step is not None:
+        step.flush()
+    if recompute:
+        model.gradient_checkpointing_disable()
+    return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+def test_a_step_computes_its_shared_prefix_once_to_the_same_gradients(family, recompute, monkeypatch):
+    """The micro-batches of an optimizer step share the system prompt's pass (utils.StepPrefix):
+    one of two rows starts it, one whose rows also share a question word and one of a single row
+    reuse it, one with another system prompt flushes it and starts its own, and the last goes back
+    to the first prompt. The step's loss and LoRA gradients must be the plain pass's, with layers
+    kept and recomputed (checkpointing runs the prefix's layers again when it is flushed)."""
+    name, folder = family
+    lean, _ = lean_and_plain(folder)
+    full = tiny_batch(folder, LONG_SYSTEM)
+    batches = [{k: v[:2] for k, v in full.items()},
+               tiny_batch(folder, LONG_SYSTEM, questions=["Is rest good for a cold?"] * 2),
+               {k: v[2:] for k, v in full.items()},
+               tiny_batch(folder, "Another system prompt, long enough for every row to share it, surely."),
+               full]
+    step, built = utils.StepPrefix(), []
+    states = utils.step_prefix_hidden_states
+
+    def recorded(base, inputs, keep, step):
+        reused, hidden = states(base, inputs, keep, step)
+        built.append((reused, step.built))
+        return reused, hidden
+
+    monkeypatch.setattr(utils, "step_prefix_hidden_states", recorded)
+    shared = step_loss_and_grads(lean, batches, step, recompute)
+    if name == "gemma2":  # sliding-window cache: nothing shared
+        assert built == [(0, 0)] * 5
+        return
+    assert [b > 0 for _, b in built] == [True, False, False, True, True]
+    assert built[1][0] < built[0][1] and built[2][0] == built[0][1]  # cut to what it shares; all of it
+    assert all(reused >= utils.MIN_SHARED_PREFIX for reused, _ in built)
+    assert step.ids is None and not step.kv  # flushed
+    with monkeypatch.context() as m:
+        m.setattr(utils, "MIN_SHARED_PREFIX", sys.maxsize)
+        plain = step_loss_and_grads(lean, batches, None, recompute)
+    assert_same(shared, plain)
+
+
 def test_a_shared_prefix_stops_where_the_loss_starts(family, monkeypatch):
     """Rows with the same question share everything up to the answer: the prefix ends at the last
     prompt position (whose hidden state predicts the first answer token), not inside the answer."""

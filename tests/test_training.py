@@ -62,10 +62,13 @@ def test_loss_keeps_falling_across_checkpoint_saves(first_run):
     assert by_step[4] < by_step[3] and by_step[6] < by_step[4] and by_step[6] < by_step[1]
 
 
-def tiny_trainer(tiny_model, tmp_path, max_steps: int, **training):
+def tiny_trainer(tiny_model, tmp_path, max_steps: int, hw=None, lora: dict | None = None, **training):
     """The project's own trainer on the tiny model, built step by step as `utils.train` does."""
-    cfg = utils.load_config(tiny_config(tmp_path, tiny_model, max_steps=max_steps, **training))
-    hw = utils.pick_hardware("4bit")
+    path = tiny_config(tmp_path, tiny_model, max_steps=max_steps, **training)
+    if lora:
+        path.write_text(yaml.safe_dump(yaml.safe_load(path.read_text()) | {"lora": lora}))
+    cfg = utils.load_config(path)
+    hw = hw or utils.pick_hardware("4bit")
     source = utils.resolve_model(cfg.model.name)
     tokenizer, _ = utils.load_tokenizer(source)
     rows, _, _ = utils.load_splits(cfg)
@@ -373,6 +376,55 @@ def test_a_layer_that_drops_the_shared_layout_falls_back_to_the_plain_pass(tiny_
     assert abs(loss - plain) < 1e-3
     assert "reached 1 of 2 attention layers" in caplog.text
     assert utils.shared_prefix_length(base, batch, keep) == 0
+
+
+def test_the_trainer_computes_the_shared_prefix_once_per_optimizer_step(tiny_model, tmp_path, monkeypatch):
+    """With gradient accumulation the micro-batches of a step share one pass over the system
+    prompt (utils.StepPrefix). Its gradient must reach the LoRA weights before clipping and the
+    optimizer: with clipping always on, the gradients the optimizer sees in float32 equal those of
+    the plain pass (every row computes its prefix), step after step. A step whose prefix was never
+    flushed is refused, not trained on without that gradient."""
+    hw = utils.Hardware("cpu", torch.float32, "4bit", "")
+    step_states = utils.step_prefix_hidden_states
+
+    def run(min_shared: int, out: str):
+        from transformers import TrainerCallback, set_seed
+        monkeypatch.setattr(utils, "MIN_SHARED_PREFIX", min_shared)
+        set_seed(0)  # the same LoRA weights in both runs
+        (tmp_path / out).mkdir()
+        _, trainer = tiny_trainer(tiny_model, tmp_path / out, max_steps=2, hw=hw, lora={"dropout": 0.0},
+                                  batch_size=2, gradient_accumulation_steps=3, max_grad_norm=1e-3)
+        seen, built = [], []
+
+        class Grab(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                seen.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+
+        def recorded(base, inputs, keep, step):
+            reused, hidden = step_states(base, inputs, keep, step)
+            built.append((reused, step.built))
+            return reused, hidden
+
+        monkeypatch.setattr(utils, "step_prefix_hidden_states", recorded)
+        trainer.add_callback(Grab())
+        trainer.train()
+        return seen, built, trainer
+
+    shared, built, trainer = run(utils.MIN_SHARED_PREFIX, "shared")
+    plain, unshared, _ = run(sys.maxsize, "plain")
+    assert len(built) == 6 and all(reused >= 16 for reused, _ in built)
+    assert [b > 0 for _, b in built] == [True, False, False] * 2  # computed by each step's first micro-batch
+    assert unshared == [(0, 0)] * 6
+    assert len(shared) == len(plain) == 2
+    for got, want in zip(shared, plain):
+        for key, grad in want.items():
+            assert torch.allclose(got[key], grad, rtol=1e-4, atol=1e-8), key
+
+    trainer.step_prefix.ids, trainer.step_prefix_of = torch.zeros(1), trainer.state.global_step - 1
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    trainer.model.train()
+    with pytest.raises(RuntimeError, match="was never flushed"):
+        trainer.compute_loss(trainer.model, batch)
 
 
 def test_freed_memory_goes_back_to_the_system_after_each_step(tiny_model, tmp_path):
