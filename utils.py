@@ -1594,6 +1594,9 @@ def step_prefix_hidden_states(base, inputs: dict, keep, step: StepPrefix):
     ids = inputs["input_ids"]
     rows, length = ids.shape
     step.built = 0
+    if rope_frequencies_vary(base, length):  # one pass keeps one set of frequencies for the whole micro-batch
+        prefix = shared_prefix_length(base, inputs, keep)
+        return prefix, decoder_hidden_states(base, inputs, prefix)
     prefix = shared_prefix_length(base, inputs, keep, min_rows=1)
     reuse = step.common(ids[0, :prefix]) if prefix else 0
     if prefix and reuse < MIN_SHARED_PREFIX:
@@ -1608,6 +1611,24 @@ def step_prefix_hidden_states(base, inputs: dict, keep, step: StepPrefix):
     if not reached_every_layer(base, layout):  # cannot happen after a prefix pass that did; kept as a guard
         return 0, decoder_hidden_states(base, inputs, 0)
     return reuse, hidden
+
+
+def rope_frequencies_vary(base, length: int) -> bool:
+    """Whether a pass `length` positions long gets other rotary frequencies than a shorter one:
+    dynamic NTK and LongRoPE (Phi-3.5, Phi-4-mini: past 4,096 tokens) pick them from the pass's
+    longest position once it is past the original context. A prefix computed in a pass of its own
+    would then be rotated otherwise than in the plain pass over its rows."""
+    rotary = getattr(base.get_decoder(), "rotary_emb", None)
+    kind = getattr(rotary, "rope_type", None)
+    if not isinstance(kind, str) or not ("dynamic" in kind or kind == "longrope"):
+        return False
+    config = base.config.get_text_config()
+    if kind == "longrope":
+        original = ((getattr(config, "rope_parameters", None) or {}).get("original_max_position_embeddings")
+                    or getattr(config, "original_max_position_embeddings", None))
+    else:
+        original = getattr(rotary, "original_max_seq_len", None)
+    return original is None or length > original
 
 
 def step_prefix_pass(base, ids, step: StepPrefix) -> bool:

@@ -206,6 +206,33 @@ def test_a_step_computes_its_shared_prefix_once_to_the_same_gradients(family, re
     assert_same(shared, plain)
 
 
+def test_a_step_does_not_share_a_prefix_whose_rotary_frequencies_depend_on_the_length(tmp_path, monkeypatch):
+    """LongRoPE (Phi-3.5, Phi-4-mini) picks its frequencies from the longest position of a pass once
+    it is past the original context (here 48 tokens; the prefix is 38, the batch 96): a prefix
+    computed alone would be rotated otherwise than in the plain pass, so such micro-batches share
+    their prefix within themselves only, to the plain pass's gradients. Without that check they
+    differ (the check is what makes them equal)."""
+    folder = build_tiny_model(tmp_path / "phi-longrope", family="phi3", original_max_position_embeddings=48,
+                              rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                               "short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
+                                               "original_max_position_embeddings": 48})
+    lean, _ = lean_and_plain(folder)
+    full = tiny_batch(folder, "Be careful, kind and accurate.")
+    batches = [{k: v[:2] for k, v in full.items()}, {k: v[2:] for k, v in full.items()}]
+    keep = full["labels"][:, 1:] != utils.IGNORE_INDEX
+    base = lean.get_base_model()
+    assert utils.MIN_SHARED_PREFIX <= utils.shared_prefix_length(base, full, keep) <= 48 < full["input_ids"].shape[1]
+    assert utils.rope_frequencies_vary(base, full["input_ids"].shape[1]) and not utils.rope_frequencies_vary(base, 48)
+    with monkeypatch.context() as m:
+        m.setattr(utils, "MIN_SHARED_PREFIX", sys.maxsize)
+        plain = step_loss_and_grads(lean, batches, None, recompute=False)
+    assert_same(step_loss_and_grads(lean, batches, utils.StepPrefix(), recompute=False), plain)
+    monkeypatch.setattr(utils, "rope_frequencies_vary", lambda base, length: False)
+    unchecked = step_loss_and_grads(lean, batches, utils.StepPrefix(), recompute=False)
+    with pytest.raises(AssertionError):
+        assert_same(unchecked, plain)
+
+
 def test_a_shared_prefix_stops_where_the_loss_starts(family, monkeypatch):
     """Rows with the same question share everything up to the answer: the prefix ends at the last
     prompt position (whose hidden state predicts the first answer token), not inside the answer."""

@@ -81,9 +81,10 @@ def build_tokenizer(template: str = CHATML, specials=("<|im_start|>", "<|im_end|
     return fast
 
 
-def build_tiny_model(folder: Path, template: str = CHATML, family: str | None = None) -> Path:
+def build_tiny_model(folder: Path, template: str = CHATML, family: str | None = None, **config) -> Path:
     """Save a tiny random model + tokenizer into `folder` and return it; `family` picks the
-    architecture and chat template from FAMILIES (default: SmolLM2-style Llama, pad == eos)."""
+    architecture and chat template from FAMILIES (default: SmolLM2-style Llama, pad == eos);
+    `config` adds to or overrides the model config's fields."""
     import torch
     import transformers
     folder = Path(folder)
@@ -100,7 +101,7 @@ def build_tiny_model(folder: Path, template: str = CHATML, family: str | None = 
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                         max_position_embeddings=1024, tie_word_embeddings=True,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                        bos_token_id=tokenizer.bos_token_id)
+                        bos_token_id=tokenizer.bos_token_id, **config)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
