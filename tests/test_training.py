@@ -427,6 +427,30 @@ def test_the_trainer_computes_the_shared_prefix_once_per_optimizer_step(tiny_mod
         trainer.compute_loss(trainer.model, batch)
 
 
+def test_evaluation_computes_the_shared_prefix_once(tiny_model, tmp_path, monkeypatch):
+    """Without gradients the system prompt's keys and values serve the whole evaluation (the
+    weights do not change): the Trainer's evaluation and utils.answer_loss compute the prefix once,
+    at the first batch, and give the plain pass's loss."""
+    hw = utils.Hardware("cpu", torch.float32, "4bit", "")
+    model, trainer = tiny_trainer(tiny_model, tmp_path, max_steps=1, hw=hw, batch_size=2)
+    rows = [trainer.train_dataset[i] for i in range(7)]
+    trainer.eval_dataset = utils.ListDataset(rows)
+    states, built = utils.step_prefix_hidden_states, []
+
+    def recorded(base, inputs, keep, step):
+        reused, hidden = states(base, inputs, keep, step)
+        built.append(step.built)
+        return reused, hidden
+
+    monkeypatch.setattr(utils, "step_prefix_hidden_states", recorded)
+    shared = trainer.evaluate()["eval_loss"], utils.answer_loss(model, rows, trainer.processing_class.pad_token_id, 3)
+    assert len(built) == 4 + 3 and [b > 0 for b in built] == [True, False, False, False, True, False, False]
+    monkeypatch.setattr(utils, "MIN_SHARED_PREFIX", sys.maxsize)
+    plain = trainer.evaluate()["eval_loss"], utils.answer_loss(model, rows, trainer.processing_class.pad_token_id, 3)
+    assert abs(shared[0] - plain[0]) < 1e-5 and abs(shared[1] - plain[1]) < 1e-5
+    assert trainer.eval_prefix is None  # not kept past the evaluation: the weights change
+
+
 def test_freed_memory_goes_back_to_the_system_after_each_step(tiny_model, tmp_path):
     """On glibc the trainer returns freed arena memory every step (peak RSS 1,768 -> 1,492 MB over
     30 default steps: make bench / the note in utils); the callback must be attached and callable."""
