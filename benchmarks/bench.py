@@ -223,7 +223,8 @@ def recording_shared_prefixes(log: list):
 
     def recorded_step(base, inputs, keep, step):
         reused, hidden = step_states(base, inputs, keep, step)
-        prefixes.append((inputs["input_ids"].shape[0], reused, step.built))
+        if base.training:  # not the evaluation's (answer_loss keeps one too)
+            prefixes.append((inputs["input_ids"].shape[0], reused, step.built))
         return reused, hidden
 
     utils.shared_prefix_length, utils.step_prefix_hidden_states = recorded, recorded_step
