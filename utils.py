@@ -1489,14 +1489,21 @@ def shared_prefix_pass(base, decoder, ids, prefix: int):
     flat = torch.cat([ids[0, :prefix], ids[:, prefix:].reshape(-1)])[None]
     positions = torch.arange(length, device=ids.device)
     positions = torch.cat([positions[:prefix], positions[prefix:].repeat(rows)])[None]
-    try:
-        hidden = decoder(input_ids=flat, position_ids=positions, shared_prefix=layout).last_hidden_state
-    except TypeError as e:  # a decoder (remote code) that takes no extra keyword arguments
-        if "shared_prefix" not in str(e):
-            raise
+    hidden = layout_pass(decoder, layout, input_ids=flat, position_ids=positions)
     if not reached_every_layer(base, layout):
         return None
     return hidden[0, prefix:].unflatten(0, (rows, length - prefix))
+
+
+def layout_pass(decoder, layout, **inputs):
+    """The decoder's last hidden states with `layout` passed on to sdpa_float32; None where the
+    decoder (remote code) takes no extra keyword arguments (then no layer saw the layout)."""
+    try:
+        return decoder(**inputs, shared_prefix=layout).last_hidden_state
+    except TypeError as e:
+        if "shared_prefix" not in str(e):
+            raise
+        return None
 
 
 def shared_prefix_attention(module, query, key, value, scaling, layout: SharedPrefix):
@@ -1610,7 +1617,7 @@ def step_prefix_hidden_states(base, inputs: dict, keep, step: StepPrefix):
         return 0, decoder_hidden_states(base, inputs, 0)
     layout = StepLayout(step, reuse)
     positions = torch.arange(reuse, length, device=ids.device).expand(rows, -1)
-    hidden = base.get_decoder()(input_ids=ids[:, reuse:], position_ids=positions, shared_prefix=layout).last_hidden_state
+    hidden = layout_pass(base.get_decoder(), layout, input_ids=ids[:, reuse:], position_ids=positions)
     if not reached_every_layer(base, layout):  # cannot happen after a prefix pass that did; kept as a guard
         return 0, decoder_hidden_states(base, inputs, 0)
     return reuse, hidden
@@ -1641,10 +1648,7 @@ def step_prefix_pass(base, ids, step: StepPrefix) -> bool:
     layout = StepLayout(step, len(ids), record=True, recording=True)
     positions = torch.arange(len(ids), device=ids.device)[None]
     try:
-        base.get_decoder()(input_ids=ids[None], position_ids=positions, shared_prefix=layout)
-    except TypeError as e:  # a decoder (remote code) that takes no extra keyword arguments
-        if "shared_prefix" not in str(e):
-            raise
+        layout_pass(base.get_decoder(), layout, input_ids=ids[None], position_ids=positions)
     finally:
         layout.recording = False
     if not reached_every_layer(base, layout) or len(step.kv) != layout.layers_seen:

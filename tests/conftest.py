@@ -119,3 +119,20 @@ def tiny_batch(folder, system: str = "Be careful.", questions=None):
                                              {"role": "assistant", "content": "Yes, rest and fluids. " * (i + 1)}],
                                  system, 256) for i, q in enumerate(questions)]
     return utils.PadCollator(tokenizer.pad_token_id)(rows)
+
+
+def recording_step_prefixes(monkeypatch) -> list:
+    """From now on, for every micro-batch that utils.step_prefix_hidden_states serves: (positions
+    reused from the step's prefix, positions it computed for a new one). Wraps the unwrapped
+    function, so a second recording does not also feed the first one's list."""
+    inner = getattr(utils.step_prefix_hidden_states, "__wrapped__", utils.step_prefix_hidden_states)
+    log = []
+
+    def recorded(base, inputs, keep, step):
+        reused, hidden = inner(base, inputs, keep, step)
+        log.append((reused, step.built))
+        return reused, hidden
+
+    recorded.__wrapped__ = inner
+    monkeypatch.setattr(utils, "step_prefix_hidden_states", recorded)
+    return log

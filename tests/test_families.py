@@ -9,7 +9,8 @@ import yaml
 
 import main
 import utils
-from conftest import LONG_SYSTEM, lean_and_plain, loss_and_grads, qa_rows, tiny_batch, tiny_config
+from conftest import (LONG_SYSTEM, lean_and_plain, loss_and_grads, qa_rows, recording_step_prefixes, tiny_batch,
+                      tiny_config)
 from tiny import FAMILIES, build_tiny_model
 
 
@@ -183,15 +184,7 @@ def test_a_step_computes_its_shared_prefix_once_to_the_same_gradients(family, re
                {k: v[2:] for k, v in full.items()},
                tiny_batch(folder, "Another system prompt, long enough for every row to share it, surely."),
                full]
-    step, built = utils.StepPrefix(), []
-    states = utils.step_prefix_hidden_states
-
-    def recorded(base, inputs, keep, step):
-        reused, hidden = states(base, inputs, keep, step)
-        built.append((reused, step.built))
-        return reused, hidden
-
-    monkeypatch.setattr(utils, "step_prefix_hidden_states", recorded)
+    step, built = utils.StepPrefix(), recording_step_prefixes(monkeypatch)
     shared = step_loss_and_grads(lean, batches, step, recompute)
     if name == "gemma2":  # sliding-window cache: nothing shared
         assert built == [(0, 0)] * 5

@@ -14,8 +14,8 @@ import yaml
 
 import main
 import utils
-from conftest import (LONG_SYSTEM, ROOT, SHORT_SYSTEM, lean_and_plain, loss_and_grads, qa_rows, tiny_batch, tiny_config,
-                      write_jsonl)
+from conftest import (LONG_SYSTEM, ROOT, SHORT_SYSTEM, lean_and_plain, loss_and_grads, qa_rows, recording_step_prefixes,
+                      tiny_batch, tiny_config, write_jsonl)
 
 FINAL_FILES = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja", "config.yaml", "metrics.json", "loss.png"}
@@ -385,7 +385,6 @@ def test_the_trainer_computes_the_shared_prefix_once_per_optimizer_step(tiny_mod
     the plain pass (every row computes its prefix), step after step. A step whose prefix was never
     flushed is refused, not trained on without that gradient."""
     hw = utils.Hardware("cpu", torch.float32, "4bit", "")
-    step_states = utils.step_prefix_hidden_states
 
     def run(min_shared: int, out: str):
         from transformers import TrainerCallback, set_seed
@@ -394,18 +393,12 @@ def test_the_trainer_computes_the_shared_prefix_once_per_optimizer_step(tiny_mod
         (tmp_path / out).mkdir()
         _, trainer = tiny_trainer(tiny_model, tmp_path / out, max_steps=2, hw=hw, lora={"dropout": 0.0},
                                   batch_size=2, gradient_accumulation_steps=3, max_grad_norm=1e-3)
-        seen, built = [], []
+        seen, built = [], recording_step_prefixes(monkeypatch)
 
         class Grab(TrainerCallback):
             def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
                 seen.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
 
-        def recorded(base, inputs, keep, step):
-            reused, hidden = step_states(base, inputs, keep, step)
-            built.append((reused, step.built))
-            return reused, hidden
-
-        monkeypatch.setattr(utils, "step_prefix_hidden_states", recorded)
         trainer.add_callback(Grab())
         trainer.train()
         return seen, built, trainer
@@ -435,15 +428,9 @@ def test_evaluation_computes_the_shared_prefix_once(tiny_model, tmp_path, monkey
     model, trainer = tiny_trainer(tiny_model, tmp_path, max_steps=1, hw=hw, batch_size=2)
     rows = [trainer.train_dataset[i] for i in range(7)]
     trainer.eval_dataset = utils.ListDataset(rows)
-    states, built = utils.step_prefix_hidden_states, []
-
-    def recorded(base, inputs, keep, step):
-        reused, hidden = states(base, inputs, keep, step)
-        built.append(step.built)
-        return reused, hidden
-
-    monkeypatch.setattr(utils, "step_prefix_hidden_states", recorded)
+    log = recording_step_prefixes(monkeypatch)
     shared = trainer.evaluate()["eval_loss"], utils.answer_loss(model, rows, trainer.processing_class.pad_token_id, 3)
+    built = [b for _, b in log]
     assert len(built) == 4 + 3 and [b > 0 for b in built] == [True, False, False, False, True, False, False]
     monkeypatch.setattr(utils, "MIN_SHARED_PREFIX", sys.maxsize)
     plain = trainer.evaluate()["eval_loss"], utils.answer_loss(model, rows, trainer.processing_class.pad_token_id, 3)
