@@ -2414,8 +2414,8 @@ class CpuDecoder:
         return weight.contiguous(), bias  # float32 as given: tests compare the arithmetic itself
 
     def _reserve(self, length: int, rows: int) -> None:
-        """Cache and rotary angles for `length` positions of `rows` sequences: grown by doubling,
-        keeping what is cached; a new batch size starts a new cache (a new prompt at position 0)."""
+        """Cache for `length` positions of `rows` sequences: grown by doubling, keeping what is
+        cached; a new batch size starts a new cache (a new prompt at position 0)."""
         import torch
         if self.k is not None and self.k.shape[1] != rows:
             self.k = self.v = None
@@ -2427,11 +2427,18 @@ class CpuDecoder:
         if self.k is not None:
             k[:, :, :, :self.capacity], v[:, :, :, :self.capacity] = self.k, self.v
         self.k, self.v = k, v
-        cos, sin = self.rotary(torch.zeros(1), torch.arange(size)[None])
+
+    def _angles(self, positions):
+        """Rotary angles (complex, head pairs past the rotary part at 1) of `positions` (B, T), from
+        the model's own rotary embedding, pass by pass: LongRoPE (Phi-3.5, Phi-4-mini) and dynamic
+        NTK pick their frequencies from a pass's longest position, as in generate(), where a table
+        made for the cache's capacity would rotate every position as in the longest pass."""
+        import torch
+        cos, sin = self.rotary(torch.zeros(1), positions)
         half = self.rotary_dim // 2
-        angles = torch.ones(size, self.head_dim // 2, dtype=torch.complex64)
-        angles[:, :half] = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())
-        self.angles = angles
+        angles = torch.ones(*positions.shape, self.head_dim // 2, dtype=torch.complex64)
+        angles[..., :half] = torch.complex(cos[..., :half].float(), sin[..., :half].float())
+        return angles[:, :, None]
 
     def _norm(self, x):  # the weight is folded into the next product
         return self.rms_norm(x, (x.shape[-1],), None, self.eps)
@@ -2449,12 +2456,12 @@ class CpuDecoder:
         x = self.embed[ids].float().reshape(B * T, -1)
         steps = torch.arange(start, end)
         if pads is None:
-            angles = self.angles[start:end][None, :, None]
+            angles = self._angles(steps[None])
             # token t sees positions <= start + t; a single new token sees the whole cache
             mask = torch.ones(T, end, dtype=torch.bool).tril(start) if T > 1 else None
         else:  # each row counts positions from its first real token and never attends to padding
             pads = torch.as_tensor(pads)[:, None, None]
-            angles = self.angles[(steps[None] - pads[:, 0]).clamp(min=0)][:, :, None]
+            angles = self._angles((steps[None] - pads[:, 0]).clamp(min=0))
             keys = torch.arange(end)
             # a padding position sees itself only, so that its (unused) output stays finite
             mask = (keys <= steps[:, None]) & ((keys >= pads) | (keys == steps[:, None]))

@@ -264,3 +264,35 @@ def test_the_layer_loop_runs_compiled_and_as_plain_python_alike(family, monkeypa
                                                                         for i in range(len(ids) - 3, len(ids))]
     for a, b in zip(logits(compiled), logits(plain)):
         assert torch.equal(a, b), (a - b).abs().max()
+
+
+def test_rotary_frequencies_that_follow_the_length_are_picked_per_pass_as_in_generate(tmp_path):
+    """LongRoPE (Phi-3.5, Phi-4-mini: original context 4,096; here 48) rotates a pass with the short
+    factors until its longest position passes the original context, then with the long ones, the
+    cached keys keeping theirs: token by token across that boundary, the decoder's logits equal the
+    model's own cached passes (what generate() runs). The cache doubling past 48 while the
+    conversation is shorter must not switch every position to the long factors."""
+    folder = build_tiny_model(tmp_path / "phi-longrope", family="phi3", original_max_position_embeddings=48,
+                              rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                               "short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
+                                               "original_max_position_embeddings": 48})
+    model, ids = adapted(folder), prompt(folder, 60)
+    first = 30
+    assert len(ids) > 56
+    decoder = utils.CpuDecoder(model, packed=False)
+    with torch.inference_mode():
+        ours = [decoder.forward(ids[:first], 0, all_logits=True)]
+        out = model(input_ids=ids[None, :first], use_cache=True)
+        theirs = [out.logits[0]]
+        for i in range(first, len(ids)):
+            ours.append(decoder.forward(ids[i:i + 1], i))
+            out = model(input_ids=ids[None, i:i + 1], cache=out.cache, use_cache=True, position_ids=torch.tensor([[i]]))
+            theirs.append(out.logits[0])
+    gaps = [logprob_gap(a, b) for a, b in zip(ours, theirs)]
+    assert max(gaps) < 1e-4, gaps
+    # a prompt past the original context in one pass: long factors for every position, as the model
+    with torch.inference_mode():
+        whole = model(input_ids=ids[None]).logits[0]
+        assert logprob_gap(utils.CpuDecoder(model, packed=False).forward(ids, 0, all_logits=True), whole) < 1e-4
+    # which differs from the token-by-token run (short factors up to position 47): the factors matter here
+    assert logprob_gap(whole[first:48], torch.cat(theirs[1:49 - first])) > 0.01
