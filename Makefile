@@ -23,8 +23,18 @@ $(STAMP): requirements.txt
 
 # The tests' and benchmarks' extras, llama-cpp-python among them: it has no wheel on PyPI, so pip
 # compiles llama.cpp once (about 4 minutes on 2 cores, a C/C++ compiler needed). Training and the
-# plain chat do not need it.
+# plain chat do not need it. Compiled for this CPU (-march=native), llama.cpp runs its AMX kernels
+# on CPUs that have AMX (Sapphire Rapids and later) and dies there of SIGILL (0.3.36, on the CI
+# machine, 2026-12-06), so the compiler is told not to emit AMX where it knows the flags. pip's
+# wheel cache ignores build flags: that wheel is built once into a cache of its own, by flags.
+LLAMA_PIN := $(shell grep -E '^llama-cpp-python==' requirements-dev.txt)
+NO_AMX := $(shell echo | $(CC) -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 -E - >/dev/null 2>&1 && echo -mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+LLAMA_WHEELS := $(HOME)/.cache/medical-llm/wheels/$(subst ==,-,$(LLAMA_PIN))$(if $(NO_AMX),-no-amx)
+
 $(DEV_STAMP): $(STAMP) requirements-dev.txt
+	ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1 || CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" \
+		$(PY) -m pip wheel -q --no-deps --no-cache-dir -w $(LLAMA_WHEELS) $(LLAMA_PIN)
+	$(PY) -m pip install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/*.whl
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $(DEV_STAMP)
 

@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -2689,6 +2690,29 @@ def find_gguf(cfg: Config, adapter: str | None, gguf: str, base: bool) -> Path:
     return path
 
 
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# a prompt's batch and single tokens: the two kinds of llama.cpp product a chat runs
+LLAMA_PROBE = ("import sys, llama_cpp; m = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=2, verbose=False)\n"
+               "m.eval(list(range(1, 33))); m.eval([7]); m.eval([8])")
+
+
+def check_llama_cpp_amx(path: Path, probe: list[str] | None = None) -> int | None:
+    """llama-cpp-python compiled natively on a CPU with AMX (Sapphire Rapids and later) runs AMX
+    kernels that die of SIGILL on some machines (0.3.36 on this project's CI machine, 2026-12-06;
+    `make setup-dev` builds it without them). Such a build is first tried on `path` in a child
+    process, so that chat fails with the fix instead of dying mid-answer; other builds go on.
+    Returns the child's exit status (None: no AMX, nothing tried)."""
+    import llama_cpp
+    if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
+        return None
+    proc = subprocess.run(probe or [sys.executable, "-c", LLAMA_PROBE, str(path)], capture_output=True, text=True)
+    if proc.returncode == -signal.SIGILL:
+        raise UserError(f"--gguf: this llama-cpp-python was compiled with AMX kernels, which die of 'Illegal "
+                        f"instruction' on this machine; rebuild it without them: CFLAGS=\"{NO_AMX_FLAGS}\" "
+                        f"CXXFLAGS=\"{NO_AMX_FLAGS}\" pip install --no-cache-dir --force-reinstall {LLAMA_CPP_PIN}")
+    return proc.returncode
+
+
 def load_llama(path: Path, context: int):
     """A llama.cpp model on every core this process may use (`inference --gguf`, make bench)."""
     try:
@@ -2697,6 +2721,7 @@ def load_llama(path: Path, context: int):
         raise UserError(f"--gguf runs on llama.cpp: pip install {LLAMA_CPP_PIN} (it compiles llama.cpp: "
                         f"about 4 minutes on 2 cores; `make test` installs it), or chat without --gguf") from None
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    check_llama_cpp_amx(path)
     try:
         return Llama(model_path=str(path), n_ctx=context, n_threads=threads, verbose=False)
     except ValueError:  # llama-cpp-python's "Failed to load model from file"

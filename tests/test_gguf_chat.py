@@ -143,3 +143,23 @@ def test_gguf_chat_without_an_export_or_llama_cpp_says_what_to_run(exported, tmp
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
     assert main.main(["inference", str(cfg), "--gguf", "--question", "hi"]) == 2
     assert f"pip install {utils.LLAMA_CPP_PIN}" in capsys.readouterr().err
+
+
+def test_llama_cpp_is_built_without_amx_kernels():
+    """`make setup-dev` compiles llama.cpp for this CPU but without AMX: its AMX kernels die of
+    SIGILL on CPUs that have it (the CI machine, 2026-12-06), which would end a chat mid-answer."""
+    assert b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info()
+
+
+def test_a_build_with_amx_kernels_is_tried_first_and_the_fix_named(exported, monkeypatch):
+    """A llama-cpp-python compiled with AMX elsewhere (plain pip on such a CPU): the file is first
+    run in a child process; one that dies of SIGILL stops chat with the rebuild command, one that
+    runs lets chat go on."""
+    cfg, final, folder = exported
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: b"AVX512 = 1 | AMX_INT8 = 1 | ")
+    assert utils.check_llama_cpp_amx(folder / "model-q8_0.gguf") == 0  # the real probe, on llama.cpp
+    dies = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
+    with pytest.raises(utils.UserError, match=f"AMX kernels.*--force-reinstall {utils.LLAMA_CPP_PIN}"):
+        utils.check_llama_cpp_amx(folder / "model-q8_0.gguf", probe=dies)
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: b"AVX512 = 1 | ")
+    assert utils.check_llama_cpp_amx(folder / "model-q8_0.gguf", probe=dies) is None  # no AMX: nothing tried
