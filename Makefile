@@ -26,10 +26,12 @@ $(STAMP): requirements.txt
 # plain chat do not need it. Compiled for this CPU (-march=native), llama.cpp runs its AMX kernels
 # on CPUs that have AMX (Sapphire Rapids and later) and dies there of SIGILL (0.3.36, on the CI
 # machine, 2026-12-06), so the compiler is told not to emit AMX where it knows the flags. pip's
-# wheel cache ignores build flags: that wheel is built once into a cache of its own, by flags.
+# wheel cache ignores build flags and the CPU built for: that wheel is built once into a cache of
+# its own, by flags and by the CPU's feature list.
 LLAMA_PIN := $(shell grep -E '^llama-cpp-python==' requirements-dev.txt)
 NO_AMX := $(shell echo | $(CC) -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 -E - >/dev/null 2>&1 && echo -mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
-LLAMA_WHEELS := $(HOME)/.cache/medical-llm/wheels/$(subst ==,-,$(LLAMA_PIN))$(if $(NO_AMX),-no-amx)
+CPU_ID := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | cksum | cut -d' ' -f1)
+LLAMA_WHEELS := $(HOME)/.cache/medical-llm/wheels/$(subst ==,-,$(LLAMA_PIN))-cpu$(CPU_ID)$(if $(NO_AMX),-no-amx)
 
 $(DEV_STAMP): $(STAMP) requirements-dev.txt
 	ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1 || CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" \
