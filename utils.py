@@ -2812,7 +2812,7 @@ def with_disclaimer(answer: str, cfg: Config) -> str:
 
 
 # What answers, by name (chat's banner, evaluate's report, the benchmark's rows).
-ENGINE_DECODER, ENGINE_GENERATE = "float16 CPU decoder", "transformers generate"
+ENGINE_DECODER, ENGINE_GENERATE, ENGINE_LLAMA_CPP = "float16 CPU decoder", "transformers generate", "llama.cpp"
 
 
 @dataclass
@@ -2829,7 +2829,7 @@ def load_chat_engine(cfg: Config, adapter: str | None = None, base: bool = False
     CpuDecoder on a CPU where it runs, or transformers' generate on the quantized model."""
     if gguf is not None:
         llm, tokenizer, run_cfg, label = load_gguf_chat(cfg, adapter, gguf, base)
-        return ChatEngine(functools.partial(generate_answer_gguf, llm, tokenizer), tokenizer, run_cfg, label, "llama.cpp")
+        return ChatEngine(functools.partial(generate_answer_gguf, llm, tokenizer), tokenizer, run_cfg, label, ENGINE_LLAMA_CPP)
     model, tokenizer, run_cfg, label = load_chat_model(cfg, adapter, base)
     decoder = cpu_decoder_for_chat(model, pick_hardware(run_cfg.model.quantization), run_cfg)
     if decoder is not None:  # the float16 copy replaces the 4-bit model, which is dropped here

@@ -81,7 +81,7 @@ def test_gguf_chat_answers_through_the_safety_layer(exported, tmp_path, capsys):
                       "--output", str(rows)]) == 0
     assert capsys.readouterr().out.count(utils.DEFAULT_DISCLAIMER) == 1
     row = json.loads(rows.read_text())
-    assert row["model"] == f"{folder / 'model-q8_0.gguf'} (llama.cpp)" and row["engine"] == "llama.cpp"
+    assert row["model"] == f"{folder / 'model-q8_0.gguf'} (llama.cpp)" and row["engine"] == utils.ENGINE_LLAMA_CPP == "llama.cpp"
     assert row["safety"]["model_answered"]
     assert row["ended"] in ("eos", "cap") and row["answer"].endswith(utils.DEFAULT_DISCLAIMER)
     # an emergency is escalated before any model runs, on this engine too
