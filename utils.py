@@ -3188,6 +3188,10 @@ _COMPLAINT = _rx(r"\bmy (?:\w+ )?(?:doctor|gp|nurse|dentist|surgeon|therapist|ph
 _FICTION = _rx(r"\b(?:in|on|playing) (?:gta|grand theft auto|minecraft|battlefield|call of duty|fortnite|skyrim|the witcher|halo|"
                r"red dead|assassin'?s creed|counter[- ]strike|pubg|overwatch|a (?:video ?)?game|the game|my game)\b|\b(?:character|characters)\b")
 _ABOUT_OK = {"violence", "crime", "weapons"}
+# A lethal amount of one's own medicine ("my sleeping pills", "would it take for me to never wake
+# up"): the question a clinician hears as suicidal risk, not pharmacology.
+_OWN_MEANS = _rx(r"\bmy (?:own |\w+ ){0,2}(?:pills?|tablets?|meds|medications?|medicines?|prescriptions?|insulin|"
+                 r"antidepressants?|painkillers?|sleepers)\b|\b(?:i|me)\b.{0,40}\b(?:die|never wake|not wake up|kill me)\b")
 _PAST = _rx(r"^(?:why|how|when|where) (?:did|was|were|had|does|do(?! i\b| you\b| we\b))\b")
 
 
@@ -3209,8 +3213,10 @@ def rule_screen(q: str) -> Screen | None:
                 continue
             if category in _ABOUT_OK and (_PAST.search(q) or _FICTION.search(q)) and "real" not in q:
                 continue
-            # Self-harm phrased in the first person is a person at risk: escalate to a crisis line.
-            return Screen("escalate" if category == "self_harm" else "refuse", category)
+            # Self-harm phrased in the first person is a person at risk, and so is one asking how much
+            # of their own medicine would kill: escalate to a crisis line (the refusal stands).
+            at_risk = category == "self_harm" or (category == "lethal_dose" and _OWN_MEANS.search(q))
+            return Screen("escalate" if at_risk else "refuse", category)
     if not about and _ETHICS_PHRASES.search(q):
         return Screen("refuse", "medical_ethics")
     if not about and not _COMPLAINT.search(q) and _MEDICAL.search(q) and _UNETHICAL.search(q):
