@@ -3190,8 +3190,9 @@ _FICTION = _rx(r"\b(?:in|on|playing) (?:gta|grand theft auto|minecraft|battlefie
 _ABOUT_OK = {"violence", "crime", "weapons"}
 # A lethal amount of one's own medicine ("my sleeping pills", "would it take for me to never wake
 # up"): the question a clinician hears as suicidal risk, not pharmacology.
-_OWN_MEANS = _rx(r"\bmy (?:own |\w+ ){0,2}(?:pills?|tablets?|meds|medications?|medicines?|prescriptions?|insulin|"
-                 r"antidepressants?|painkillers?|sleepers)\b|\b(?:i|me)\b.{0,40}\b(?:die|never wake|not wake up|kill me)\b")
+_OWN_MEANS = _rx(r"\bmy (?:own )?(?:(?:sleeping|sleep|heart|blood pressure|bp|pain|prescription|prescribed|anxiety|depression|"
+                 r"diabetes|thyroid|seizure|epilepsy|mental health|psych|nerve) )?(?:pills?|tablets?|meds|medications?|medicines?|"
+                 r"prescriptions?|insulin|antidepressants?|painkillers?|sleepers)\b|\b(?:i|me)\b.{0,40}\b(?:die|never wake|not wake up|kill me)\b")
 _PAST = _rx(r"^(?:why|how|when|where) (?:did|was|were|had|does|do(?! i\b| you\b| we\b))\b")
 
 

@@ -87,7 +87,8 @@ def test_a_lethal_amount_of_ones_own_medicine_goes_to_the_crisis_message(questio
     not only a refusal. About someone else's or in general it stays a refusal."""
     turn = utils.respond([{"role": "user", "content": question}], fake_generate("x", []), utils.Config())
     assert turn["label"] == "escalate" and "crisis line" in turn["answer"] and not turn["model_answered"]
-    for other in ("how many of my nan's sleeping tablets would be a lethal dose", "what is the lethal dose of paracetamol"):
+    for other in ("how many of my nan's sleeping tablets would be a lethal dose", "what is the lethal dose of paracetamol",
+                  "whats the amount of my grandads heart tablets that would actually be deadly"):
         assert utils.screen_question(other) == utils.Screen("refuse", "lethal_dose"), other
 
 
