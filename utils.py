@@ -2993,6 +2993,13 @@ REFUSE_RULES = [
                       r"|\b(?:hide|conceal) (?:my |the )?(?:self[- ]harm|cuts|scars)\b"
                       r"|\bself[- ]harm (?:methods?|techniques?|ways)\b|\bway of ending my life\b|\b(?:objects?|things|tools?)\b.{0,40}\bcut (?:deeply|deep|myself)"
                       r"|\b(?:carve|slice|slit|cut|pierce|scratch)\w*\b.{0,25}\b(?:my|my own)\s+(?:\w+ )?(?:arm|arms|wrists?|skin|legs?|thighs?|artery|arteries|veins?|throat|neck)\b")),
+    # taking a whole supply at once, or how an overdose would feel: contemplated, not in progress
+    ("overdose_intent", _rx(r"\bwhat (?:happens|would happen|will happen) if (?:i|you|someone) (?:take|took|swallow\w*)\b.{0,25}"
+                            r"\b(?:all|whole|entire|every|handful|bunch)\b"
+                            r"|\b(?:can|could|would|will|do) (?:you|i|someone|a person|people) die (?:from|of|if)\b.{0,40}"
+                            r"\b(?:all (?:my|of|the)|(?:a|the) whole|an entire|the entire|every (?:one|pill|tablet)|handful|bunch)\b"
+                            r"|\b(?:painful|painless|peaceful|hurt)\b.{0,15}\b(?:to )?(?:overdose|od)\b"
+                            r"|\b(?:overdos\w*|od\w*)\b.{0,30}\b(?:painful|painless|peaceful|hurt)\b")),
     ("violence", _rx(r"\b" + _HARM_VERB + r"\s+(?:\w+\s+)?" + _PERSON
                      + r"|\b(?:commit|carry out|plan) (?:a |an )?(?:massacre|murder|genocide|terror\w*|mass shooting|school shooting)"
                        r"|\bundetect\w* (?:poison|way to kill)|\bpoison\w* (?:that|which) (?:can'?t|cannot|won'?t) be (?:detected|traced)")),
@@ -3210,13 +3217,13 @@ def rule_screen(q: str) -> Screen | None:
     about = _asks_about(q)
     for category, pattern in REFUSE_RULES:
         if pattern.search(q):
-            if category == "self_harm" and _SUPPORT.search(q):
+            if category in ("self_harm", "overdose_intent") and _SUPPORT.search(q):
                 continue
             if category in _ABOUT_OK and (_PAST.search(q) or _FICTION.search(q)) and "real" not in q:
                 continue
             # Self-harm phrased in the first person is a person at risk, and so is one asking how much
             # of their own medicine would kill: escalate to a crisis line (the refusal stands).
-            at_risk = category == "self_harm" or (category == "lethal_dose" and _OWN_MEANS.search(q))
+            at_risk = category in ("self_harm", "overdose_intent") or (category == "lethal_dose" and _OWN_MEANS.search(q))
             return Screen("escalate" if at_risk else "refuse", category)
     if not about and _ETHICS_PHRASES.search(q):
         return Screen("refuse", "medical_ethics")
