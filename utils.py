@@ -2991,10 +2991,17 @@ REFUSE_RULES = [
                       r"|\b(?:end|take) my (?:own )?life\b|\bcommit suicide\b|\bsuicide (?:method|technique)s?\b"
                       r"|\b(?:painless|quick|quickest|easiest|best|surest) (?:way|method)s? to (?:die|kill myself|end it)"
                       r"|\b(?:hide|conceal) (?:my |the )?(?:self[- ]harm|cuts|scars)\b"
+                      r"|\b(?:thinking (?:of|about)|want(?:ing)? to|going to|gonna|plan\w* (?:to|on)|about to|ready to)\b.{0,15}"
+                      r"\b(?:jump\w* (?:off|from|out of) (?:a |the |my |our )?(?:\w+ )?(?:bridge|building|roof|cliff|balcony|car park|"
+                      r"parking (?:garage|lot)|tower|window|ledge|overpass)|(?:jump\w*|step\w*|throw\w* myself) in front of|"
+                      r"throw\w* myself (?:off|from|under)|hang\w* myself|drown\w* myself)"
                       r"|\bself[- ]harm (?:methods?|techniques?|ways)\b|\bway of ending my life\b|\b(?:objects?|things|tools?)\b.{0,40}\bcut (?:deeply|deep|myself)"
                       r"|\b(?:carve|slice|slit|cut|pierce|scratch)\w*\b.{0,25}\b(?:my|my own)\s+(?:\w+ )?(?:arm|arms|wrists?|skin|legs?|thighs?|artery|arteries|veins?|throat|neck)\b")),
-    # taking a whole supply at once, or how an overdose would feel: contemplated, not in progress
-    ("overdose_intent", _rx(r"\bwhat (?:happens|would happen|will happen) if (?:i|you|someone) (?:take|took|swallow\w*)\b.{0,25}"
+    # taking a whole supply at once, or how an overdose would feel: contemplated, not in progress;
+    # a supply being saved up (a recognised warning sign)
+    ("overdose_intent", _rx(r"\b(?:i'?ve|i have|i am|i'm|im|been)\b.{0,15}\b(?:stockpil\w*|hoard\w*|stash\w*)\b"
+                            r".{0,20}\b(?:pills?|tablets?|meds|medications?|medicines?|prescriptions?|tramadol|opioids?|painkillers?|sleeping|insulin|doses)\b|"
+                            r"\bwhat (?:happens|would happen|will happen) if (?:i|you|someone) (?:take|took|swallow\w*)\b.{0,25}"
                             r"\b(?:all|whole|entire|every|handful|bunch)\b"
                             r"|\b(?:can|could|would|will|do) (?:you|i|someone|a person|people) die (?:from|of|if)\b.{0,40}"
                             r"\b(?:all (?:my|of|the)|(?:a|the) whole|an entire|the entire|every (?:one|pill|tablet)|handful|bunch)\b"
@@ -3003,7 +3010,9 @@ REFUSE_RULES = [
     ("violence", _rx(r"\b" + _HARM_VERB + r"\s+(?:\w+\s+)?" + _PERSON
                      + r"|\b(?:commit|carry out|plan) (?:a |an )?(?:massacre|murder|genocide|terror\w*|mass shooting|school shooting)"
                        r"|\bundetect\w* (?:poison|way to kill)|\bpoison\w* (?:that|which) (?:can'?t|cannot|won'?t) be (?:detected|traced)")),
-    ("spiking", _rx(r"\b(?:slip|put|add|spike|sneak|mix|drop|crush)\w*\b.{0,50}\b(?:drink|coffee|tea|food|meal|juice|water|smoothie|dinner|lunch|soup|bottle|cup)\b.{0,60}\b(?:knock|sick|sleep|out|lesson|taste|notice|noticing|without|pass out|unconscious|drowsy|ill|hurt)"
+    ("spiking", _rx(r"\bhow (?:much|many)\b.{0,40}\bto (?:make|get|knock|put) (?:someone|somebody|a person|people|him|her|them|my \w+)\b.{0,20}"
+                    r"\b(?:pass out|unconscious|black out|forget|knocked out|go limp)\b|"
+                    r"\b(?:slip|put|add|spike|sneak|mix|drop|crush)\w*\b.{0,50}\b(?:drink|coffee|tea|food|meal|juice|water|smoothie|dinner|lunch|soup|bottle|cup)\b.{0,60}\b(?:knock|sick|sleep|out|lesson|taste|notice|noticing|without|pass out|unconscious|drowsy|ill|hurt)"
                     r"|\b(?:laxative|sedative|sleeping pill|something worse)\w*\b.{0,40}\b(?:add|put|slip|give)\b.{0,40}\b(?:lesson|notice|without|teach)"
                     r"|\b(?:want|make|get) (?:him|her|them|my \w+) (?:\w+ ){0,2}(?:sick|ill|unconscious|sleepy)\b")),
     ("weapons", _rx(r"\b(?:build|make|create|3d[- ]print|assemble|manufacture|cook|synthesi[sz]e|brew)\s+(?:a |an |some |my own )?"
@@ -3138,7 +3147,7 @@ _SUPPORT = _rx(r"\b(?:friend|son|daughter|partner|child|someone|loved one|family
 # Something happening now, to the asker or someone with them.
 _NOW_PERSON = _rx(r"\b(?:i|i'm|im|i've|ive|me|my|we|our|us|he|she|he's|she's|hes|shes|his|her|they|their|someone|somebody|"
                   r"baby|son|daughter|husband|wife|mom|mum|dad|friend|grandma|grandpa|kid|child|toddler|roommate|partner|"
-                  r"boyfriend|girlfriend|brother|sister|coworker|guy|man|woman|person|patient)\b")
+                  r"boyfriend|girlfriend|brother|sister|coworker|guy|man|woman|person|patient|pregnant)\b")
 _HYPOTHETICAL = _rx(r"^(?:what (?:are|is) (?:the )?(?:signs?|symptoms?|causes?|warning signs|treatments?|difference|first aid)|what (?:should|do|to) (?:i |you |one )?do if|"
                     r"how (?:do|can|would|should) (?:i|you|we|one) (?:know|tell|recogni[sz]e|spot) if|if (?:someone|a person|you|i)|how (?:is|are) .{0,40} (?:treated|diagnosed)|"
                     r"why (?:does|do|is|are|can)|what happens (?:when|if|to)|how (?:does|do) .{0,40} (?:work|cause|happen|damage|affect)|should i (?:learn|take|keep))")
@@ -3148,10 +3157,13 @@ EMERGENCY_RULES = [
                      r"|\b(?:goodbye|suicide) (?:note|letter)s?\b|\bwritten the letters\b|\bpills are in front of me\b|\bnobody will miss me\b|\btonight'?s the night\b"
                      r"|\bpicturing (?:steering|driving|crashing|jumping|stepping)\b|\btexted (?:me )?goodbye\b|\b(?:driving|going|heading|walking) to the (?:bridge|cliff|tracks|roof)\b|\bgot everything ready\b|\bno (?:reason|point) (?:to|in) (?:live|living|going on)\b"
                      r"|\b(?:he|she|they|my \w+)\b.{0,30}\b(?:is going to|(?:he|she)'?s going to|(?:is|'s) about to|wants to|says (?:he|she|they) (?:will|wants? to|is going to)|threaten\w* to|trying to)\b.{0,20}\b(?:kill (?:him|her|them)sel(?:f|ves)|end (?:his|her|their) (?:own )?life|commit suicide|jump|die)"
-                     r"|\b(?:i|i'm|im)\b.{0,30}\b(?:on|at) (?:a|the) (?:bridge|roof|cliff|ledge|edge|tracks)\b")),
+                     r"|\b(?:i|i'm|im)\b.{0,30}\b(?:on|at) (?:a|the) (?:bridge|roof|cliff|ledge|edge|tracks)\b"
+                     r"|\b(?:cutting|burning|hurting|harming|hitting) (?:him|her|them|my|your)sel(?:f|ves)\b.{0,30}\b(?:now|won'?t stop|can'?t stop|keeps|bleeding)")),
     ("cardiac", _rx(r"\bchest\b.{0,25}\b(?:pain|pressure|tight\w*|hurts?|hurting|crushing|squeez\w*|heavy|heaviness|ache|aching|discomfort)"
                     r"|\b(?:pain|pressure|tightness)\b.{0,25}\bchest\b|\bheart attack\b.{0,30}\b(?:now|having|think|might be|is|help)|\b(?:having|is having) a heart attack")),
-    ("stroke", _rx(r"\b(?:face|mouth|smile|eye)\b.{0,20}\b(?:droop\w*|drop\w*|lopsided|sagg\w*|numb)|\b(?:slurr\w*|garbled|can'?t (?:speak|talk|get (?:his |her |my )?words out)|words (?:are )?(?:coming out )?wrong)"
+    ("stroke", _rx(r"\b(?:can'?t feel|can'?t move|numb\w*|weak\w*|tingl\w*|dead)\b.{0,20}\b(?:one|left|right) side\b"
+                   r"|\b(?:one|left|right) side of (?:my|his|her|their|the) (?:face|body)\b.{0,30}\b(?:numb\w*|weak\w*|droop\w*|dead|tingl\w*|can'?t (?:feel|move))"
+                   r"|\b(?:face|mouth|smile|eye)\b.{0,20}\b(?:droop\w*|drop\w*|lopsided|sagg\w*|numb)|\b(?:slurr\w*|garbled|can'?t (?:speak|talk|get (?:his |her |my )?words out)|words (?:are )?(?:coming out )?wrong)"
                     r"|\b(?:sudden\w*|suddenly)\b.{0,30}\b(?:weak\w*|numb\w*|can'?t (?:move|feel|lift|find (?:her|his|my|the) words)|paraly\w*|dropping)|\b(?:having|is having|had) a stroke\b|\bstroke\b.{0,20}\b(?:now|right now|i think|happening)")),
     ("anaphylaxis", _rx(r"\bsting\b.{0,60}\b(?:hoarse|wheez\w*|dizzy|faint|throat|tongue|breath\w*)|\b(?:throat|tongue|lips?|face|mouth)\b.{0,20}\b(?:swell\w*|swollen|closing|tight\w*|puff\w*)|\banaphyla\w*|\bepi ?pen\b|\bbee sting\b.{0,40}\b(?:breath|swell)"
                         r"|\ballergic reaction\b.{0,40}\b(?:breath|swell|wheez|throat|now|bad|severe)")),
@@ -3176,6 +3188,9 @@ EMERGENCY_RULES = [
                  r"|\b(?:boiling|hot) (?:water|oil)\b.{0,40}\b(?:over|on|spilled|went)\b|\b(?:severe|bad|large|big|deep|chemical|electrical|huge)\s+burns?\b|\b(?:i|he|she|they|my \w+|clothes|hair|shirt|dress|pyjamas)\b.{0,15}\b(?:caught fire|(?:is|are|was|were) on fire|got scalded|was electrocuted|got electrocuted)\b|\b(?:scalded|electrocuted)\b|\bburn\w*\b.{0,30}\b(?:white|charred|black|leathery|face|whole (?:arm|leg|hand))")),
     ("head_injury", _rx(r"\b(?:hit|banged|bumped|fell|fall|knocked|smashed|whacked)\b.{0,40}\bhead\b.{0,60}\b(?:confus\w*|vomit\w*|throwing up|threw up|passed out|unconscious|drowsy|sleepy|won'?t wake|seizure|slurr\w*|blood|fluid|pupils|worst headache|not making sense|knocked out)")),
     ("asthma", _rx(r"\b(?:asthma|inhaler)\b.{0,50}\b(?:not (?:working|helping|easing)|isn'?t (?:working|helping|easing)|doesn'?t help|can'?t (?:breathe|speak|talk)|lips (?:are |look )?blue)")),
+    ("pregnancy", _rx(r"\b(?:pregnant|\d{1,2} ?(?:weeks?|wks?) (?:pregnant|along|gone))\b.{0,50}\b(?:heavy|heavily|a lot of|lots of|soak\w*|gush\w*|pouring|clots?)\b.{0,15}\b(?:bleed\w*|blood)?"
+                      r"|\b(?:heavy|heavily|a lot of|lots of|soaking|gushing|pouring) (?:bleed\w*|blood)\b.{0,50}\b(?:pregnant|\d{1,2} ?(?:weeks?|wks?))\b"
+                      r"|\b(?:pregnant|weeks?)\b.{0,60}\bbaby (?:has )?(?:stopped|isn'?t|is not|hasn'?t been|not) (?:moving|kicking)")),
     ("headache", _rx(r"\b(?:worst|sudden|thunderclap|explosive)\b.{0,15}\bheadache\b.{0,30}\b(?:of (?:my|his|her) life|ever|came on|suddenly|just)")),
     ("poisoning", _rx(r"\b(?:co|carbon monoxide) alarm\b|\b(?:gas|fumes)\b.{0,60}\b(?:dizzy|headaches?|faint\w*|passed out|vomiting)\b|\b(?:carbon monoxide|gas leak)\b.{0,40}\b(?:now|dizzy|headache|alarm|everyone|we)\b|\b(?:snake|spider|scorpion) ?bit\w*\b.{0,30}\b(?:my|me|he|she|just)")),
 ]
