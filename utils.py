@@ -3148,6 +3148,23 @@ _SUPPORT = _rx(r"\b(?:friend|son|daughter|partner|child|someone|loved one|family
 _NOW_PERSON = _rx(r"\b(?:i|i'm|im|i've|ive|me|my|we|our|us|he|she|he's|she's|hes|shes|his|her|they|their|someone|somebody|"
                   r"baby|son|daughter|husband|wife|mom|mum|dad|friend|grandma|grandpa|kid|child|toddler|roommate|partner|"
                   r"boyfriend|girlfriend|brother|sister|coworker|guy|man|woman|person|patient|pregnant)\b")
+# A short message that is not a question ("can't breathe and lips tingling after peanuts", "high
+# fever and a purple rash that doesn't fade") reports what is happening now, pronoun or not.
+_QUESTION_WORD = _rx(r"^(?:what|how|why|when|where|which|who|whose|is|are|was|were|does|do|did|should|would|will|may|might|"
+                     r"must|tell|explain|describe|list|define|give|compare|could|can)\b(?!')")
+
+
+_LOOKUP = _rx(r"\b(?:causes?|meaning|means|explained|definition|defined|remed(?:y|ies)|exercises?|tips|diet|storage|"
+              r"treatments?|symptoms of|signs of|vs|versus|difference|types? of|icd|statistics|facts)\b")
+
+
+def _happening_now(q: str) -> bool:
+    """Someone named as present, or a short report ("vomiting blood") rather than a lookup
+    ("chest pain causes")."""
+    return bool(_NOW_PERSON.search(q)) or (len(q.split()) <= 15 and not _QUESTION_WORD.match(q)
+                                           and not _LOOKUP.search(q))
+
+
 _HYPOTHETICAL = _rx(r"^(?:what (?:are|is) (?:the )?(?:signs?|symptoms?|causes?|warning signs|treatments?|difference|first aid)|what (?:should|do|to) (?:i |you |one )?do if|"
                     r"how (?:do|can|would|should) (?:i|you|we|one) (?:know|tell|recogni[sz]e|spot) if|if (?:someone|a person|you|i)|how (?:is|are) .{0,40} (?:treated|diagnosed)|"
                     r"why (?:does|do|is|are|can)|what happens (?:when|if|to)|how (?:does|do) .{0,40} (?:work|cause|happen|damage|affect)|should i (?:learn|take|keep))")
@@ -3158,7 +3175,8 @@ EMERGENCY_RULES = [
                      r"|\bpicturing (?:steering|driving|crashing|jumping|stepping)\b|\btexted (?:me )?goodbye\b|\b(?:driving|going|heading|walking) to the (?:bridge|cliff|tracks|roof)\b|\bgot everything ready\b|\bno (?:reason|point) (?:to|in) (?:live|living|going on)\b"
                      r"|\b(?:he|she|they|my \w+)\b.{0,30}\b(?:is going to|(?:he|she)'?s going to|(?:is|'s) about to|wants to|says (?:he|she|they) (?:will|wants? to|is going to)|threaten\w* to|trying to)\b.{0,20}\b(?:kill (?:him|her|them)sel(?:f|ves)|end (?:his|her|their) (?:own )?life|commit suicide|jump|die)"
                      r"|\b(?:i|i'm|im)\b.{0,30}\b(?:on|at) (?:a|the) (?:bridge|roof|cliff|ledge|edge|tracks)\b"
-                     r"|\b(?:cutting|burning|hurting|harming|hitting) (?:him|her|them|my|your)sel(?:f|ves)\b.{0,30}\b(?:now|won'?t stop|can'?t stop|keeps|bleeding)")),
+                     r"|\b(?:cutting|burning|hurting|harming|hitting) (?:him|her|them|my|your)sel(?:f|ves)\b.{0,30}\b(?:now|won'?t stop|can'?t stop|keeps|bleeding)"
+                     r"|\bvoices?\b.{0,30}\b(?:tell\w*|told|order\w*|command\w*) (?:me|him|her|them) to (?:hurt|kill|harm|attack|stab|jump)")),
     ("cardiac", _rx(r"\bchest\b.{0,25}\b(?:pain|pressure|tight\w*|hurts?|hurting|crushing|squeez\w*|heavy|heaviness|ache|aching|discomfort)"
                     r"|\b(?:pain|pressure|tightness)\b.{0,25}\bchest\b|\bheart attack\b.{0,30}\b(?:now|having|think|might be|is|help)|\b(?:having|is having) a heart attack")),
     ("stroke", _rx(r"\b(?:can'?t feel|can'?t move|numb\w*|weak\w*|tingl\w*|dead)\b.{0,20}\b(?:one|left|right) side\b"
@@ -3178,7 +3196,10 @@ EMERGENCY_RULES = [
                      r"|\b(?:chewing|swallowed|ate|eaten)\b.{0,25}\b(?:button batter\w*|batter(?:y|ies)|magnets?)\b"
                      r"|\b(?:overdos\w*|od'?d|od'?ing|poisoned)\b.{0,20}\b(?:now|just|is|has|i think|help)|\b(?:just |has |have )(?:overdosed|od'?d)"
                      r"|\b(?:drank|swallowed|ate|eaten|got into|drinking|licked)\b.{0,30}\b(?:bleach|antifreeze|drain cleaner|detergent|laundry pods?|dishwasher|button batter\w*|batter(?:y|ies)|rat poison|pesticide|weed ?killer|lamp oil|paraffin|window cleaner|grandma'?s pills|my pills|her pills|his pills|pills|tablets|medicine)")),
-    ("confusion", _rx(r"\b(?:not making (?:any )?sense|(?:can )?barely stay awake|can'?t stay awake|hard to (?:wake|rouse)|won'?t wake|"
+    ("confusion", _rx(r"\b(?:diabetic|diabetes|insulin)\b.{0,40}\b(?:confused|confusion|drowsy|unconscious|slurr\w*|not making sense)\b"
+                      r"|\b(?:going to|about to|gonna) (?:pass out|faint|black out)\b"
+                      r"|\b(?:heart|pulse)\b.{0,20}\b(?:racing|pounding|resting|at rest)\b.{0,20}\b(?:1[5-9]\d|2\d\d)\b|"
+                      r"\b(?:not making (?:any )?sense|(?:can )?barely stay awake|can'?t stay awake|hard to (?:wake|rouse)|won'?t wake|"
                       r"(?:suddenly|very) confused|slipping in and out|keeps passing out|fainted|fainting)\b")),
     ("seizure", _rx(r"\b(?:seizure|seizing|fitting|having a fit|convuls\w*|shaking uncontrollably|shaking and jerking)\b.{0,60}\b(?:going on|won'?t stop|not stopping|still|for \d+|more than|longer than|over \d+|first|again|keeps|minutes|help|another|ages|before (?:she|he|they) woke)")),
     ("infant", _rx(r"\bsoft spot\b.{0,30}\bbulging\b|\b(?:baby|newborn|infant|\d+[- ](?:day|week|month)[- ]old)\b.{0,50}\b(?:high[- ]pitched cry|floppy|limp|blue|won'?t wake|not waking|not responding|unresponsive|bulging|purple|grunting|not feeding|struggling to breathe|breathing fast|fell|dropped)"
@@ -3225,7 +3246,7 @@ def _asks_about(q: str) -> bool:
 
 def rule_screen(q: str) -> Screen | None:
     """The pattern rules on a normalised question; None when none fires."""
-    if not _HYPOTHETICAL.search(q) and _NOW_PERSON.search(q) and not _SUPPORT.search(q):
+    if not _HYPOTHETICAL.search(q) and _happening_now(q) and not _SUPPORT.search(q):
         for category, pattern in EMERGENCY_RULES:
             if pattern.search(q):
                 return Screen("escalate", category)
@@ -3281,7 +3302,7 @@ def screen_question(text: str, use_classifier: bool = True) -> Screen:
             and not _PREVENTION.search(q) and not about and not _COMPLAINT.search(q):
         p = classify_question(text)
         if p["refuse"] + p["escalate"] >= SAFETY_THRESHOLD:
-            urgent = p["escalate"] > p["refuse"] and _NOW_PERSON.search(q) and not _HYPOTHETICAL.search(q)
+            urgent = p["escalate"] > p["refuse"] and _happening_now(q) and not _HYPOTHETICAL.search(q)
             return Screen("escalate" if urgent else "refuse", "classifier")
     return Screen("answer", "none")
 
