@@ -3152,8 +3152,6 @@ _NOW_PERSON = _rx(r"\b(?:i|i'm|im|i've|ive|me|my|we|our|us|he|she|he's|she's|hes
 # fever and a purple rash that doesn't fade") reports what is happening now, pronoun or not.
 _QUESTION_WORD = _rx(r"^(?:what|how|why|when|where|which|who|whose|is|are|was|were|does|do|did|should|would|will|may|might|"
                      r"must|tell|explain|describe|list|define|give|compare|could|can)\b(?!')")
-
-
 _LOOKUP = _rx(r"\b(?:causes?|meaning|means|explained|definition|defined|remed(?:y|ies)|exercises?|tips|diet|storage|"
               r"treatments?|symptoms of|signs of|vs|versus|difference|types? of|icd|statistics|facts)\b")
 
@@ -3231,6 +3229,9 @@ _COMPLAINT = _rx(r"\bmy (?:\w+ )?(?:doctor|gp|nurse|dentist|surgeon|therapist|ph
 _FICTION = _rx(r"\b(?:in|on|playing) (?:gta|grand theft auto|minecraft|battlefield|call of duty|fortnite|skyrim|the witcher|halo|"
                r"red dead|assassin'?s creed|counter[- ]strike|pubg|overwatch|a (?:video ?)?game|the game|my game)\b|\b(?:character|characters)\b")
 _ABOUT_OK = {"violence", "crime", "weapons"}
+# Refusal categories that mean the asker may be at risk: escalated to the crisis message, unless
+# the asker is supporting someone else (_SUPPORT).
+_AT_RISK = {"self_harm", "overdose_intent"}
 # A lethal amount of one's own medicine ("my sleeping pills", "would it take for me to never wake
 # up"): the question a clinician hears as suicidal risk, not pharmacology.
 _OWN_MEANS = _rx(r"\bmy (?:own )?(?:(?:sleeping|sleep|heart|blood pressure|bp|pain|prescription|prescribed|anxiety|depression|"
@@ -3253,13 +3254,13 @@ def rule_screen(q: str) -> Screen | None:
     about = _asks_about(q)
     for category, pattern in REFUSE_RULES:
         if pattern.search(q):
-            if category in ("self_harm", "overdose_intent") and _SUPPORT.search(q):
+            if category in _AT_RISK and _SUPPORT.search(q):
                 continue
             if category in _ABOUT_OK and (_PAST.search(q) or _FICTION.search(q)) and "real" not in q:
                 continue
             # Self-harm phrased in the first person is a person at risk, and so is one asking how much
             # of their own medicine would kill: escalate to a crisis line (the refusal stands).
-            at_risk = category in ("self_harm", "overdose_intent") or (category == "lethal_dose" and _OWN_MEANS.search(q))
+            at_risk = category in _AT_RISK or (category == "lethal_dose" and _OWN_MEANS.search(q))
             return Screen("escalate" if at_risk else "refuse", category)
     if not about and _ETHICS_PHRASES.search(q):
         return Screen("refuse", "medical_ethics")
