@@ -3207,7 +3207,8 @@ EMERGENCY_RULES = [
                  r"|\b(?:boiling|hot) (?:water|oil)\b.{0,40}\b(?:over|on|spilled|went)\b|\b(?:severe|bad|large|big|deep|chemical|electrical|huge)\s+burns?\b|\b(?:i|he|she|they|my \w+|clothes|hair|shirt|dress|pyjamas)\b.{0,15}\b(?:caught fire|(?:is|are|was|were) on fire|got scalded|was electrocuted|got electrocuted)\b|\b(?:scalded|electrocuted)\b|\bburn\w*\b.{0,30}\b(?:white|charred|black|leathery|face|whole (?:arm|leg|hand))")),
     ("head_injury", _rx(r"\b(?:hit|banged|bumped|fell|fall|knocked|smashed|whacked)\b.{0,40}\bhead\b.{0,60}\b(?:confus\w*|vomit\w*|throwing up|threw up|passed out|unconscious|drowsy|sleepy|won'?t wake|seizure|slurr\w*|blood|fluid|pupils|worst headache|not making sense|knocked out)")),
     ("asthma", _rx(r"\b(?:asthma|inhaler)\b.{0,50}\b(?:not (?:working|helping|easing)|isn'?t (?:working|helping|easing)|doesn'?t help|can'?t (?:breathe|speak|talk)|lips (?:are |look )?blue)")),
-    ("pregnancy", _rx(r"\b(?:pregnant|\d{1,2} ?(?:weeks?|wks?) (?:pregnant|along|gone))\b.{0,50}\b(?:heavy|heavily|a lot of|lots of|soak\w*|gush\w*|pouring|clots?)\b.{0,15}\b(?:bleed\w*|blood)?"
+    ("pregnancy", _rx(r"\b(?:pregnant|\d{1,2} ?(?:weeks?|wks?) (?:pregnant|along|gone))\b.{0,50}"
+                      r"\b(?:(?:heavy|heavily|a lot of|lots of|soak\w*|gush\w*|pouring)\b.{0,15}\b(?:bleed\w*|blood)|(?:passing |big |large )clots)\b"
                       r"|\b(?:heavy|heavily|a lot of|lots of|soaking|gushing|pouring) (?:bleed\w*|blood)\b.{0,50}\b(?:pregnant|\d{1,2} ?(?:weeks?|wks?))\b"
                       r"|\b(?:pregnant|weeks?)\b.{0,60}\bbaby (?:has )?(?:stopped|isn'?t|is not|hasn'?t been|not) (?:moving|kicking)")),
     ("headache", _rx(r"\b(?:worst|sudden|thunderclap|explosive)\b.{0,15}\bheadache\b.{0,30}\b(?:of (?:my|his|her) life|ever|came on|suddenly|just)")),

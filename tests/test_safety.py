@@ -82,6 +82,7 @@ ANSWER = [
     "I'm thinking about jumping off the high dive at the pool, is it safe for my ears?",
     "my arm is weak after the gym",
     "is it safe to exercise while pregnant",
+    "I'm pregnant and have lots of nausea",
     "chest pain causes",
     "rash that doesn't fade under a glass meaning",
     "heart rate 150 during running is that ok",
