@@ -107,6 +107,26 @@ DEFAULT_EMERGENCY = (
     "thinking about harming yourself, call or text a crisis line now (988 in the US, Samaritans "
     "116 123 in the UK and Ireland)."
 )
+# Sexual assault and abuse by a partner or family member: an emergency department or a sexual
+# assault centre, time-critical care (HIV post-exposure prophylaxis within 72 h: CDC 2025, BHIVA;
+# emergency contraception within 3 days for levonorgestrel and 5 for ulipristal or a copper IUD:
+# FSRH, WHO), care without a police report (US VAWA, UK sexual assault referral centres), a check
+# after strangulation even without marks (delayed airway swelling and arterial injury) or a blow
+# in pregnancy (placental abruption: ACOG), and the
+# national lines (RAINN, the US National Domestic Violence Hotline, Rape Crisis England and Wales,
+# the National Domestic Abuse Helpline run by Refuge in England).
+DEFAULT_ABUSE = (
+    "I'm sorry this happened. It is never the fault of the person who was hurt. If you or someone "
+    "else is in danger or badly hurt now, call your local emergency number (for example 911 in the "
+    "US, 112 in Europe, 999 in the UK). After a sexual assault, an emergency department or a sexual assault "
+    "centre can help, and some care works best when it starts soon: medicine to prevent HIV (within "
+    "72 hours), emergency contraception (within 3 to 5 days, depending on the method), treatment for "
+    "injuries and infections, and a forensic examination if you want one. In most places you can "
+    "have this care without reporting to the police. Anyone who has been choked or strangled, or hit "
+    "while pregnant, should see a doctor the same day, even without marks. Free, confidential support: in the US, RAINN "
+    "1-800-656-4673 and the National Domestic Violence Hotline 1-800-799-7233; in England, Rape "
+    "Crisis 0808 500 2222 and the National Domestic Abuse Helpline 0808 2000 247."
+)
 DEFAULT_DISCLAIMER = (
     "This information is for educational purposes only and is not a substitute for professional "
     "medical advice. I am an AI, not a doctor."
@@ -170,6 +190,7 @@ class SafetySection:
     enabled: bool = True
     refusal_message: str = DEFAULT_REFUSAL
     emergency_message: str = DEFAULT_EMERGENCY
+    abuse_message: str = DEFAULT_ABUSE
     disclaimer: str = DEFAULT_DISCLAIMER
 
 
@@ -2785,7 +2806,7 @@ def respond(history: list[dict], generate, cfg: Config, out=None) -> dict:
     safety = cfg.safety
     screen = screen_question(question) if safety.enabled else Screen("answer", "off")
     if screen.label != "answer":
-        text = safety.emergency_message if screen.label == "escalate" else safety.refusal_message
+        text = screened_message(screen, safety)
         ended, streamed, model_answered = "screened", "", False
     else:
         check = check_answer if safety.enabled else (lambda _: None)
@@ -2801,6 +2822,13 @@ def respond(history: list[dict], generate, cfg: Config, out=None) -> dict:
     final = with_disclaimer(text, cfg)
     return {"answer": final, "text": text, "label": screen.label, "category": screen.category,
             "model_answered": model_answered, "ended": ended}
+
+
+def screened_message(screen: Screen, safety: SafetySection) -> str:
+    """What a held-back question gets instead of the model's answer."""
+    if screen.label == "refuse":
+        return safety.refusal_message
+    return safety.abuse_message if screen.category in ABUSE_CATEGORIES else safety.emergency_message
 
 
 def with_disclaimer(answer: str, cfg: Config) -> str:
@@ -2962,7 +2990,7 @@ def _verb_forms(verbs: str) -> str:
 
 
 _HARM_VERB = _verb_forms(
-    r"kill|murder|strangle|stab|shoot|poison|hurt|harm|injure|punch|beat up|beat|drown|choke|suffocate|smother|attack|torture|kidnap|abduct|massacre|annihilate|slaughter|liquidate|behead|decapitate|dismember|execute|assassinate|maim|cripple|gut|bludgeon|run over|set fire to|burn|sedate|drug|paralyze|knock out|crack open|cut open|slap|kick|bite|starve|abuse|molest|rape|traffic|get rid of|eliminate|wipe out|exterminate|silence|make (?:\w+ ){0,2}sick|overpower|terminate|throttle|snipe|headshot|euthani[sz]e|smash|crush|hammer|bash|butcher|chop up|saw|dispose of|destroy|ruin|overdose|restrain|tie up|lock up|knock \w+ out")
+    r"kill|murder|strangle|stab|shoot|poison|hurt|harm|injure|punch|hit|beat up|beat|drown|choke|suffocate|smother|attack|torture|kidnap|abduct|massacre|annihilate|slaughter|liquidate|behead|decapitate|dismember|execute|assassinate|maim|cripple|gut|bludgeon|run over|set fire to|burn|sedate|drug|paralyze|knock out|crack open|cut open|slap|kick|bite|starve|abuse|molest|rape|traffic|get rid of|eliminate|wipe out|exterminate|silence|make (?:\w+ ){0,2}sick|overpower|terminate|throttle|snipe|headshot|euthani[sz]e|smash|crush|hammer|bash|butcher|chop up|saw|dispose of|destroy|ruin|overdose|restrain|tie up|lock up|knock \w+ out")
 _SELF = r"(?:myself|my ?self|me|my (?:own )?(?:life|wrists?|body|veins))"
 
 # Phrasings that ask *about* something rather than for the means to do it.
@@ -3007,8 +3035,9 @@ REFUSE_RULES = [
                             r"\b(?:all (?:my|of|the)|(?:a|the) whole|an entire|the entire|every (?:one|pill|tablet)|handful|bunch)\b"
                             r"|\b(?:painful|painless|peaceful|hurt)\b.{0,15}\b(?:to )?(?:overdose|od)\b"
                             r"|\b(?:overdos\w*|od\w*)\b.{0,30}\b(?:painful|painless|peaceful|hurt)\b")),
-    ("violence", _rx(r"\b" + _HARM_VERB + r"\s+(?:\w+\s+)?" + _PERSON
-                     + r"|\b(?:commit|carry out|plan) (?:a |an )?(?:massacre|murder|genocide|terror\w*|mass shooting|school shooting)"
+    ("violence", _rx(r"\b" + _HARM_VERB + r"\s+(?!as (?:a|an) (?:child|kid|teen\w*|minor|baby|toddler|boy|girl)\b)(?:\w+\s+)?" + _PERSON
+                     + r"|\b" + _HARM_VERB + r" as many (?:\w+ )?(?:people|humans|persons|victims|children|kids|students|patients) as\b"
+                       r"|\b(?:commit|carry out|plan) (?:a |an )?(?:massacre|murder|genocide|terror\w*|mass shooting|school shooting)"
                        r"|\bundetect\w* (?:poison|way to kill)|\bpoison\w* (?:that|which) (?:can'?t|cannot|won'?t) be (?:detected|traced)")),
     ("spiking", _rx(r"\bhow (?:much|many)\b.{0,40}\bto (?:make|get|knock|put) (?:someone|somebody|a person|people|him|her|them|my \w+)\b.{0,20}"
                     r"\b(?:pass out|unconscious|black out|forget|knocked out|go limp)\b|"
@@ -3215,6 +3244,41 @@ EMERGENCY_RULES = [
     ("poisoning", _rx(r"\b(?:co|carbon monoxide) alarm\b|\b(?:gas|fumes)\b.{0,60}\b(?:dizzy|headaches?|faint\w*|passed out|vomiting)\b|\b(?:carbon monoxide|gas leak)\b.{0,40}\b(?:now|dizzy|headache|alarm|everyone|we)\b|\b(?:snake|spider|scorpion) ?bit\w*\b.{0,30}\b(?:my|me|he|she|just)")),
 ]
 
+# Someone telling of a sexual assault or of abuse by a partner or family member, to themselves or
+# someone close: they get the abuse message (time-critical care and specialist lines), not the
+# model. Grammar decides, the person it was done to: "I was raped", "he forced me to have sex",
+# "my boyfriend hits me", not "how common is rape" or "signs of domestic abuse". An emergency
+# rule fires first ("my husband choked me and now I can't breathe"). Abuse long past ("as a
+# child") is left to the model: the acute care in the message does not apply.
+_PARTNER = r"(?:husband|wife|partner|spouse|boyfriend|girlfriend|bf|gf|ex|ex-\w+|fianc\w*|hubby)"
+_GUARDIAN = r"(?:dad|father|mom|mum|mother|step-?(?:dad|father|mom|mum|mother)|parents?|carer|caregiver|uncle)"
+# "beats me at chess", "kicked me out", "hurts me during sex" (a question about pain)
+_NOT_VIOLENCE = (r"(?! (?:at|out|during|in bed|by accident|accidentally)\b| (?:when|while) (?:we (?:have|are having) |having )?sex\b"
+                 r"| in (?:every|a |the )?(?:games?|race|chess|tennis|cards|arguments?)\b)")
+ABUSE_RULES = [
+    ("sexual_assault", _rx(r"\b(?:i|me|we|she|he|they|my \w+)\b.{0,30}\b(?:was|were|got|been|being|is being)\s+(?:\w+ (?:and )?){0,2}"
+                           r"(?:raped|gang[- ]?raped|sexually (?:assaulted|abused|attacked)|molested)\b"
+                           r"|\b(?:raped|sexually (?:assaulted|abused|attacked)|molested|groped)\s+(?:me|us|my (?:\w+ )?(?:daughter|son|child|kid|sister|brother|wife|girlfriend|friend))\b"
+                           r"|\b(?:forced|made|pressured|coerced) me (?:to |into )?(?:have sex|having sex|sex|sleep with|do sexual|perform (?:oral|sexual))"
+                           r"|\b(?:had sex with|touched) me (?:while|when) (?:i was |i'?d )?(?:asleep|sleeping|drunk|passed out|unconscious|blackout|blacked out|high)\b"
+                           r"|\bsex\b.{0,40}\b(?:without my consent|i didn'?t consent|i did not consent|i said no)\b"
+                           r"|\bafter (?:being|getting|i was|i got) (?:raped|sexually assaulted)\b")),
+    ("domestic_abuse", _rx(r"\bmy (?:\w+ )?" + _PARTNER + r"\b.{0,40}\b(?:hit|hits|hitting|beat|beats|beating|punch\w*|kick\w*|slap\w*|chok\w*|"
+                           r"strangl\w*|throttl\w*|shov\w*|burn\w*|hurts|hurt|abus\w*|rape\w*|"
+                           r"(?:threaten\w*|going|gonna|will|would|said (?:he|she)(?:'d| would)) (?:to )?(?:kill|hurt|stab|shoot))\s+(?:me|us|my (?:kids?|children|baby))\b"
+                           + _NOT_VIOLENCE +
+                           r"|\bmy (?:\w+ )?" + _PARTNER + r"\b.{0,40}\bpush\w* me (?:down|over|against|off|into (?:a |the )?(?:wall|door|table|floor))"
+                           r"|\bmy (?:\w+ )?" + _GUARDIAN + r"\b.{0,40}\b(?:hits|beats|punch\w*|chok\w*|strangl\w*|burns|abus\w*|rapes|raped|molest\w*|"
+                           r"threaten\w* to (?:kill|hurt))\s+me\b" + _NOT_VIOLENCE + r"|\btouch\w* me (?:inappropriately|down there|in private|where)"
+                           r"|\b(?:i'?m|im|i am) (?:being|getting) (?:abused|beaten|hit|raped|molested)\b|\b(?:i'?m|im|i am|live|living) in an abusive (?:relationship|marriage|home)\b"
+                           r"|\b(?:i'?m|im|i am)\b.{0,20}\b(?:scared|afraid|terrified|frightened) (?:of|that) my " + _PARTNER + r"\b(?!'s)"
+                           r"|\b(?:scared|afraid|terrified|frightened) (?:he|she|they)(?:'ll| will| is going to| are going to| might) (?:kill|hurt) (?:me|us)\b"
+                           r"|\b(?:victim|survivor) of domestic (?:violence|abuse)\b|\b(?:experiencing|suffering|living with|going through|escape|escaping|leave|leaving) domestic (?:violence|abuse)\b")),
+]
+ABUSE_CATEGORIES = {category for category, _ in ABUSE_RULES}
+_LONG_AGO = _rx(r"\b(?:as a (?:child|kid|teen\w*|minor)|when i was (?:a |an |younger|little|small|\d+)|years ago|decades ago|in the past|growing up|childhood)\b")
+_ACCIDENT = _rx(r"\baccident\w*|\bby mistake\b|\bin (?:his|her|their|my) sleep\b")
+
 
 def _norm_question(text: str) -> str:
     text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
@@ -3250,6 +3314,10 @@ def rule_screen(q: str) -> Screen | None:
     """The pattern rules on a normalised question; None when none fires."""
     if not _HYPOTHETICAL.search(q) and _happening_now(q) and not _SUPPORT.search(q):
         for category, pattern in EMERGENCY_RULES:
+            if pattern.search(q):
+                return Screen("escalate", category)
+    if not _LONG_AGO.search(q) and not _ACCIDENT.search(q):
+        for category, pattern in ABUSE_RULES:
             if pattern.search(q):
                 return Screen("escalate", category)
     about = _asks_about(q)
