@@ -48,17 +48,23 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
     assert r["smoke"] is True and len(r["date"]) == 10
     assert {"cpu", "cores", "torch", "device", "compute_dtype"} <= set(r["machine"])
     assert r["rounds"] == 2
-    # before the first workload and after each run: two project / seed_recipe pairs, then three once
-    assert len(r["references"]) == 8
+    # before the first workload and after each run: two project / seed_recipe pairs, then four once
+    assert len(r["references"]) == 9
     for ref in r["references"]:
         assert all(ref[k] > 0 for k in REFERENCE_FIELDS)
     w = r["workloads"]
-    assert set(w) == {"project", "recompute_all", "seed_recipe", "generation", "generation_gguf"}
+    assert set(w) == {"project", "recompute_all", "seed_recipe", "plain_pytorch", "generation", "generation_gguf"}
     assert r["phi4_mini"].startswith("not measured")  # CUDA only by default, never in --smoke
     for name in ("project", "recompute_all", "seed_recipe"):
         check(w[name], TRAINING_FIELDS, name)
         assert w[name]["steps_timed"] == r["steps"] and w[name]["real_tokens"] > 0
         assert 0 < w[name]["mfu"] and 0 < w[name]["eval_loss_answer_tokens"] < 20
+    # the MFU yardstick: plain transformers + peft forward + backward on the project's batches
+    p = w["plain_pytorch"]
+    assert p["micro_batches"] == r["steps"] * 4 and p["batch_size"] == 2 and p["real_tokens"] > 0
+    gemm = "gemm_bf16_gflops" if p["compute_dtype"] == "bfloat16" else "gemm_fp32_gflops"
+    assert 0 < p["mfu"] == round(p["train_gflops"] / p["reference"][gemm], 4)
+    assert p["overrides"] == ["lora.r=8"]
     # The seed recipe pads to max_length and checkpoints; the project trains on answers only and,
     # as config.yaml ships, recomputes nothing.
     assert w["seed_recipe"]["computed_positions"] >= w["project"]["computed_positions"]
@@ -104,7 +110,10 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
     assert "llama.cpp q8_0" in proc.stdout
     t = r["targets"]
     assert set(t["values"]) == {"speedup_vs_seed", "eval_loss_project_minus_seed", "mfu", "peak_rss_mb",
-                                "decode_fraction_of_bound", "decode_fraction_of_bound_gguf_q8_0"}
+                                "decode_fraction_of_bound", "decode_fraction_of_bound_gguf_q8_0",
+                                "mfu_plain_pytorch", "mfu_project_over_plain_pytorch"}
+    assert t["values"]["mfu_project_over_plain_pytorch"] == round(w["project"]["mfu_unshared"] / p["mfu"], 2)
+    assert "plain PyTorch forward + backward in NF4" in proc.stdout
     assert set(t["met"]) == set(t["goals"]) and all(isinstance(v, bool) for v in t["met"].values())
 
 
