@@ -48,8 +48,9 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
     assert r["smoke"] is True and len(r["date"]) == 10
     assert {"cpu", "cores", "torch", "device", "compute_dtype"} <= set(r["machine"])
     assert r["rounds"] == 2
-    # before the first workload and after each run: two project / seed_recipe pairs, then four once
-    assert len(r["references"]) == 9
+    # before the first workload and after each run: two rounds of project / seed_recipe /
+    # plain_pytorch, then three once
+    assert len(r["references"]) == 10
     for ref in r["references"]:
         assert all(ref[k] > 0 for k in REFERENCE_FIELDS)
     w = r["workloads"]
@@ -112,7 +113,12 @@ def test_smoke_benchmark_writes_every_field(tmp_path):
     assert set(t["values"]) == {"speedup_vs_seed", "eval_loss_project_minus_seed", "mfu", "peak_rss_mb",
                                 "decode_fraction_of_bound", "decode_fraction_of_bound_gguf_q8_0",
                                 "mfu_plain_pytorch", "mfu_project_over_plain_pytorch"}
-    assert t["values"]["mfu_project_over_plain_pytorch"] == round(w["project"]["mfu_unshared"] / p["mfu"], 2)
+    # the yardstick ran in every round beside the project: MFU ratios within a round
+    plain = r["plain_rounds"]
+    assert len(plain) == 2 and [x["plain_pytorch"] for x in plain] == [x["mfu"] for x in p["rounds"]]
+    assert [x["project"] for x in plain] == [x["mfu_unshared"] for x in w["project"]["rounds"]]
+    assert t["values"]["mfu_plain_pytorch"] == round((plain[0]["plain_pytorch"] + plain[1]["plain_pytorch"]) / 2, 4)
+    assert t["values"]["mfu_project_over_plain_pytorch"] == round((plain[0]["ratio"] + plain[1]["ratio"]) / 2, 2)
     assert "plain PyTorch forward + backward in NF4" in proc.stdout
     assert set(t["met"]) == set(t["goals"]) and all(isinstance(v, bool) for v in t["met"].values())
 
