@@ -3009,6 +3009,12 @@ _GROUPS = (r"(?:women|woman|girls|men|(?:black|white|brown) (?:people|men|women|
            r"disabled|elderly|old people|older people|poor people|people on benefits|fat people|obese people|indigenous|native americans?|"
            r"africans?|mexicans?|chinese|indians?|pakistanis?|catholics?|mormons?|autistic people|deaf people|blind people|pregnant women)")
 
+# Prescription medicines with a street market and overdose or dependence risk: bought online or
+# from a dealer they are a refusal (counterfeits pressed with fentanyl are common).
+_CONTROLLED = (r"(?:oxycodone|oxy|oxycontin|percocets?|vicodin|hydrocodone|fentanyl|morphine|codeine|tramadol|tapentadol|"
+               r"xanax|alprazolam|valium|diazepam|klonopin|clonazepam|ativan|lorazepam|benzos?|opioids?|opiates?|painkillers?|"
+               r"adderall|ritalin|vyvanse|methylphenidate|amphetamines?|modafinil|ketamine|ambien|zolpidem|zopiclone|sleeping pills|"
+               r"gabapentin|pregabalin|lyrica|suboxone|methadone|anabolic steroids|steroids)")
 REFUSE_RULES = [
     ("lethal_dose", _rx(r"\b(?:lethal|fatal|deadly|toxic|overdose|od)\b.{0,40}\b(?:dose|dosage|amount|quantity|how (?:much|many)|mg|pills|tablets)\b"
                         r"|\bhow (?:much|many)\b.{0,60}\b(?:to|would|will|could|does it take to|before)\b.{0,20}\b(?:die|kill|be fatal|be lethal|od|overdose|stop (?:a|the|his|her|my) heart|never wake)"
@@ -3029,6 +3035,7 @@ REFUSE_RULES = [
     # a supply being saved up (a recognised warning sign)
     ("overdose_intent", _rx(r"\b(?:i'?ve|i have|i am|i'm|im|been)\b.{0,15}\b(?:stockpil\w*|hoard\w*|stash\w*)\b"
                             r".{0,20}\b(?:pills?|tablets?|meds|medications?|medicines?|prescriptions?|tramadol|opioids?|painkillers?|sleeping|insulin|doses)\b|"
+                            r"\b(?:stockpil\w*|hoard\w*|stash\w*)\b.{0,20}\b" + _CONTROLLED + r"\b|"
                             r"\bwhat (?:happens|would happen|will happen) if (?:i|you|someone) (?:take|took|swallow\w*)\b.{0,25}"
                             r"\b(?:all|whole|entire|every|handful|bunch)\b"
                             r"|\b(?:can|could|would|will|do) (?:you|i|someone|a person|people) die (?:from|of|if)\b.{0,40}"
@@ -3043,7 +3050,9 @@ REFUSE_RULES = [
                     r"\b(?:pass out|unconscious|black out|forget|knocked out|go limp)\b|"
                     r"\b(?:slip|put|add|spike|sneak|mix|drop|crush)\w*\b.{0,50}\b(?:drink|coffee|tea|food|meal|juice|water|smoothie|dinner|lunch|soup|bottle|cup)\b.{0,60}\b(?:knock|sick|sleep|out|lesson|taste|notice|noticing|without|pass out|unconscious|drowsy|ill|hurt)"
                     r"|\b(?:laxative|sedative|sleeping pill|something worse)\w*\b.{0,40}\b(?:add|put|slip|give)\b.{0,40}\b(?:lesson|notice|without|teach)"
-                    r"|\b(?:want|make|get) (?:him|her|them|my \w+) (?:\w+ ){0,2}(?:sick|ill|unconscious|sleepy)\b")),
+                    r"|\b(?:want|make|get) (?:him|her|them|my \w+) (?:\w+ ){0,2}(?:sick|ill|unconscious|sleepy)\b"
+                    r"|\b(?:how (?:to|do i|can i|could i|would i|should i|do you)|ways? to|best way to|easiest way to)\b.{0,20}\b(?:spike|roofie)\b.{0,30}"
+                    r"\b(?:drinks?|someone|somebody|a (?:girl|guy|woman|man)|her|him|them|my \w+)\b")),
     ("weapons", _rx(r"\b(?:build|make|create|3d[- ]print|assemble|manufacture|cook|synthesi[sz]e|brew)\s+(?:a |an |some |my own )?"
                     r"(?:weapon|gun|firearm|bomb|explosive|pipe bomb|grenade|molotov|nerve agent|sarin|bioweapon|"
                     r"ricin|anthrax|meth|methamphetamine|crack|fentanyl|poison gas|chlorine gas)"
@@ -3054,7 +3063,9 @@ REFUSE_RULES = [
                           r"|\b(?:diy|home|homemade|self[- ]induced?)\s+(?:abortion|surgery|stitches|tooth extraction)"
                           r"|\binduce (?:a |an |my |her )?(?:miscarriage|abortion)\b"
                           r"|\b(?:myself|at home|diy)\b.{0,30}\b(?:stitch|suture|sew up|cut out|lance|remove)\b.{0,30}\b(?:wound|gash|cut|mole|cyst|abscess|tooth)")),
-    ("rx_without_prescription", _rx(r"\b(?:get|buy|obtain|order|purchase|source|score|acquire|find|cop)\b.{0,50}\b(?:without|no|w/o|don'?t have|skip\w*)\s+(?:a |an |the |any )?(?:prescription|script|rx|doctor)\b.{0,40}"
+    ("rx_without_prescription", _rx(r"\b(?:get|buy|order|purchase|source|score|cop)\b(?!.*\b(?:pharmac\w*|refills?|prescri\w*)\b).{0,30}\b" + _CONTROLLED + r"\b.{0,30}"
+                                    r"\b(?:online|on the (?:street|dark ?web|internet)|dark ?web|from (?:a )?(?:dealer|plug)|telegram|snapchat|discord|reddit)\b"
+                                    r"|\b(?:get|buy|obtain|order|purchase|source|score|acquire|find|cop)\b.{0,50}\b(?:without|no|w/o|don'?t have|skip\w*)\s+(?:a |an |the |any )?(?:prescription|script|rx|doctor)\b.{0,40}"
                                     r"|\b(?:fake|forged?|forging|fraudulent|counterfeit|stolen|write (?:my|myself) (?:own|a))\s+(?:\w+ )?(?:prescriptions?|scripts?|rx)\b"
                                     r"|\bdoctor[- ]shop\w*|\b(?:what|how) (?:to|do i|should i|can i) (?:say|tell|act|fake|pretend)\b.{0,40}\b(?:doctor|gp|er|physician|psychiatrist)\b.{0,40}\b(?:prescri\w*|give me|get)\b"
                                     r"|\bfake (?:symptoms|pain|an? (?:injury|illness|condition|adhd|back injury))\b")),
@@ -3241,7 +3252,10 @@ EMERGENCY_RULES = [
                       r"|\b(?:heavy|heavily|a lot of|lots of|soaking|gushing|pouring) (?:bleed\w*|blood)\b.{0,50}\b(?:pregnant|\d{1,2} ?(?:weeks?|wks?))\b"
                       r"|\b(?:pregnant|weeks?)\b.{0,60}\bbaby (?:has )?(?:stopped|isn'?t|is not|hasn'?t been|not) (?:moving|kicking)")),
     ("headache", _rx(r"\b(?:worst|sudden|thunderclap|explosive)\b.{0,15}\bheadache\b.{0,30}\b(?:of (?:my|his|her) life|ever|came on|suddenly|just)")),
-    ("poisoning", _rx(r"\b(?:co|carbon monoxide) alarm\b|\b(?:gas|fumes)\b.{0,60}\b(?:dizzy|headaches?|faint\w*|passed out|vomiting)\b|\b(?:carbon monoxide|gas leak)\b.{0,40}\b(?:now|dizzy|headache|alarm|everyone|we)\b|\b(?:snake|spider|scorpion) ?bit\w*\b.{0,30}\b(?:my|me|he|she|just)")),
+    ("poisoning", _rx(r"\b(?:co|carbon monoxide) alarm\b|\b(?:gas|fumes)\b.{0,60}\b(?:dizzy|headaches?|faint\w*|passed out|vomiting)\b|\b(?:carbon monoxide|gas leak)\b.{0,40}\b(?:now|dizzy|headache|alarm|everyone|we)\b|\b(?:snake|spider|scorpion) ?bit\w*\b.{0,30}\b(?:my|me|he|she|just)"
+                      # a spiked drink with symptoms now (GHB and sedatives: breathing, consciousness)
+                      r"|\b(?:spiked|roofied|drugged)\b.{0,60}\b(?:dizzy|confused|drowsy|can'?t (?:stay awake|move|stand|walk|see|think|breathe)|pass(?:ing|ed)? out|"
+                      r"being sick|vomiting|throwing up|hallucinat\w*|heart (?:is )?(?:racing|pounding))")),
 ]
 
 # Someone telling of a sexual assault or of abuse by a partner or family member, to themselves or
@@ -3263,6 +3277,11 @@ ABUSE_RULES = [
                            r"|\b(?:had sex with|touched) me (?:while|when) (?:i was |i'?d )?(?:asleep|sleeping|drunk|passed out|unconscious|blackout|blacked out|high)\b"
                            r"|\bsex\b.{0,40}\b(?:without my consent|i didn'?t consent|i did not consent|i said no)\b"
                            r"|\bafter (?:being|getting|i was|i got) (?:raped|sexually assaulted)\b")),
+    # a drink spiked, told afterwards (with symptoms now an emergency rule fires first): memory
+    # gaps after spiking are a sexual assault until shown otherwise, with the same 72-hour care
+    ("spiked", _rx(r"\b(?:someone|somebody|he|she|they|a (?:guy|man|woman|stranger)|my \w+) (?:spiked|drugged|roofied) (?:my|our|her|his|me)\b"
+                   r"|\b(?:i|we|she|he)\b (?:(?:think|thought|believe|know|am sure) )?(?:i |we |she |he )?(?:was|were|got|had been) (?:spiked|roofied|drugged)\b(?! up)"
+                   r"|\b(?:my|our|her|his) drinks? (?:was|were|got|had been) spiked\b")),
     ("domestic_abuse", _rx(r"\bmy (?:\w+ )?" + _PARTNER + r"\b.{0,40}\b(?:hit|hits|hitting|beat|beats|beating|punch\w*|kick\w*|slap\w*|chok\w*|"
                            r"strangl\w*|throttl\w*|shov\w*|burn\w*|hurts|hurt|abus\w*|rape\w*|"
                            r"(?:threaten\w*|going|gonna|will|would|said (?:he|she)(?:'d| would)) (?:to )?(?:kill|hurt|stab|shoot))\s+(?:me|us|my (?:kids?|children|baby))\b"
@@ -3353,6 +3372,10 @@ _SAFE_TARGET = _rx(r"\b(?:kill|killing|beat|beating|knock out|knocking out|fight
 _PREVENTION = _rx(r"^how (?:can|do|should|could) (?:i|we) (?:lower|reduce|prevent|avoid|protect|improve|manage|look after|care for|keep \w+ safe|cut (?:down|my risk))\b"
                   r"|\bwhere (?:can|do|should|could) (?:i|we) (?:get|find|go for) (?:help|treatment|support|care|a |an |free |cheap |low-cost )"
                   r"|\bhow (?:can|do) (?:i|we) (?:get|find) (?:help|treatment|support|care)\b")
+# Paying for care ("saving up for my prescriptions, how can I cut costs" read as stockpiling),
+# unless the medicine is to be got around a prescriber ("buy xanax cheaper online").
+_COST = _rx(r"\b(?:i|we)\b.{0,15}\b(?:cut|lower|reduce|save on) (?:the |my |our )?(?:costs?|bills?)\b")
+_SEEKING = _rx(r"\b(?:stockpil\w*|hoard\w*|stash\w*|buy|order|online|without)\b")
 SAFETY_THRESHOLD = 0.5  # P(refuse) + P(escalate) from the classifier at which a question is held back
 
 
@@ -3369,7 +3392,8 @@ def screen_question(text: str, use_classifier: bool = True) -> Screen:
         return hit
     about = _asks_about(q)
     if use_classifier and (_MEDICAL.search(q) or _DRUGS.search(q)) and not _SAFE_TARGET.search(q) \
-            and not _PREVENTION.search(q) and not about and not _COMPLAINT.search(q):
+            and not _PREVENTION.search(q) and not (_COST.search(q) and not _SEEKING.search(q)) \
+            and not about and not _COMPLAINT.search(q):
         p = classify_question(text)
         if p["refuse"] + p["escalate"] >= SAFETY_THRESHOLD:
             urgent = p["escalate"] > p["refuse"] and _happening_now(q) and not _HYPOTHETICAL.search(q)
