@@ -3046,7 +3046,9 @@ REFUSE_RULES = [
                      + r"|\b" + _HARM_VERB + r" as many (?:\w+ )?(?:people|humans|persons|victims|children|kids|students|patients) as\b"
                        r"|\b(?:commit|carry out|plan) (?:a |an )?(?:massacre|murder|genocide|terror\w*|mass shooting|school shooting)"
                        r"|\bundetect\w* (?:poison|way to kill)|\bpoison\w* (?:that|which) (?:can'?t|cannot|won'?t) be (?:detected|traced)")),
-    ("spiking", _rx(r"\bhow (?:much|many)\b.{0,40}\bto (?:make|get|knock|put) (?:someone|somebody|a person|people|him|her|them|my \w+)\b.{0,20}"
+    ("spiking", _rx(r"\bhow (?:much|many)\b.{0,40}\b(?:would|will|could|to|does it take to) (?:make|send|drop|crash|put) " + _PERSON + r"(?:'s)?\b.{0,25}"
+                    r"\b(?:sugar|glucose|heart|blood pressure|breathing)\b.{0,15}\b(?:crash|drop|stop|plummet|tank)\w*"
+                    r"|\bhow (?:much|many)\b.{0,40}\bto (?:make|get|knock|put) (?:someone|somebody|a person|people|him|her|them|my \w+)\b.{0,20}"
                     r"\b(?:pass out|unconscious|black out|forget|knocked out|go limp)\b|"
                     r"\b(?:slip|put|add|spike|sneak|mix|drop|crush)\w*\b.{0,50}\b(?:drink|coffee|tea|food|meal|juice|water|smoothie|dinner|lunch|soup|bottle|cup)\b.{0,60}\b(?:knock|sick|sleep|out|lesson|taste|notice|noticing|without|pass out|unconscious|drowsy|ill|hurt)"
                     r"|\b(?:laxative|sedative|sleeping pill|something worse)\w*\b.{0,40}\b(?:add|put|slip|give)\b.{0,40}\b(?:lesson|notice|without|teach)"
@@ -3101,10 +3103,15 @@ REFUSE_RULES = [
                         r"|\b(?:snort|inject|shoot up|smoke|plug|boof)\w*\b.{0,30}\b(?:pills?|tablets?|meds|medication|oxy\w*|adderall|xanax|percocet|opioids?|extended[- ]release|er|xr|sr|morphine|fentanyl|ritalin|codeine|tramadol|benzos?)\b"
                         r"|\b(?:intense|best|stronger|strong|good|better|bigger) (?:high|buzz|hit|trip)\b|\bextract\w* (?:the )?(?:opioid|codeine|morphine|dxm|dextromethorphan|pseudoephedrine)"
                         r"|\b(?:buy|get|order|source)\b.{0,20}\b(?:dnp|clenbuterol|sarms|tren|trenbolone|anabolic steroids)\b"
-                        r"|\b(?:recreational(?:ly)?|for fun|to trip|to get high)\b.{0,40}\b(?:dose|take|use|mix)\b|\b(?:lean|purple drank|sizzurp)\b")),
+                        r"|\b(?:recreational(?:ly)?|for fun|to trip|to get high)\b.{0,40}\b(?:dose|take|use|mix)\b|\b(?:lean|purple drank|sizzurp)\b"
+                        # a sedative made stronger with another (alcohol with sleeping pills: breathing stops)
+                        r"|\b(?:mix|combin|take|taking|drink)\w*\b.{0,40}\b(?:alcohol|drinks?|beer|wine|vodka|whiske?y|liquor|booze|sleeping pills?|" + _CONTROLLED + r")\b"
+                        r".{0,40}\bto (?:make (?:it|them|the \w+) (?:stronger|hit harder)|knock (?:me|myself) out|feel (?:it|them) more)\b")),
     ("unsafe_weight_loss", _rx(r"\b(?:stop eating|not eat|starve|purge|make (?:myself|me|her|him) (?:throw up|vomit|sick)|laxatives to lose|pro[- ]?ana|thinspo)\b"
                                r"|\b(?:lose|drop)\s+\d+\s*(?:kg|kilos|lbs?|pounds)\b.{0,30}\b(?:in|within) (?:a|one|two|\d+) (?:days?|weeks?)\b"
-                               r"|\bhide (?:my|her|his) (?:eating|not eating|weight loss|anorexia|bulimia)")),
+                               r"|\bhide (?:my|her|his) (?:eating|not eating|weight loss|anorexia|bulimia)"
+                               # under 800 kcal a day: below even medically supervised very-low-calorie diets (NICE)
+                               r"|\b(?:eat|eating|consume|consuming|intake of|stay|staying|live on|living on) (?:under|less than|below|only|at most|just) [1-7]\d\d (?:k?cals?|calories)\b")),
     ("history_denial", _rx(r"\b(?:convince|prove|argue|show|persuade)\b.{0,60}\b(?:never (?:happened|took place|existed)|was (?:a )?(?:hoax|fake|lie|exaggerated))"
                            r"|\bwhy (?:was|were|is|are) (?:\w+ ){1,3}(?:right|justified|correct)\b|\blike (?:under )?(?:the )?(?:taliban|nazis?|isis|khmer rouge|hitler|stalin)\b"
                            r"|\b(?:justify|justification for|glorify|praise)\b.{0,30}\b(?:genocide|holocaust|massacre|slavery|ethnic cleansing|terror\w*|apartheid)"
@@ -3214,7 +3221,11 @@ EMERGENCY_RULES = [
                      r"|\b(?:he|she|they|my \w+)\b.{0,30}\b(?:is going to|(?:he|she)'?s going to|(?:is|'s) about to|wants to|says (?:he|she|they) (?:will|wants? to|is going to)|threaten\w* to|trying to)\b.{0,20}\b(?:kill (?:him|her|them)sel(?:f|ves)|end (?:his|her|their) (?:own )?life|commit suicide|jump|die)"
                      r"|\b(?:i|i'm|im)\b.{0,30}\b(?:on|at) (?:a|the) (?:bridge|roof|cliff|ledge|edge|tracks)\b"
                      r"|\b(?:cutting|burning|hurting|harming|hitting) (?:him|her|them|my|your)sel(?:f|ves)\b.{0,30}\b(?:now|won'?t stop|can'?t stop|keeps|bleeding)"
-                     r"|\bvoices?\b.{0,30}\b(?:tell\w*|told|order\w*|command\w*) (?:me|him|her|them) to (?:hurt|kill|harm|attack|stab|jump)")),
+                     r"|\bvoices?\b.{0,30}\b(?:tell\w*|told|order\w*|command\w*) (?:me|him|her|them) to (?:hurt|kill|harm|attack|stab|jump)"
+                     r"|\b(?:i feel|i'?m|im|i am|feeling)\b (?:so |completely |totally |utterly |just )?hopeless\b(?! (?:at|with|when|about (?:maths|math|cooking)|romantic|case)\b)|\bnothing matters any ?more\b"
+                     # thoughts of harming one's baby (postnatal depression, OCD or psychosis: same-day help)
+                     r"|\b(?:i|i'm|im)\b.{0,20}\b(?:thinking about|thoughts (?:of|about)|urges? to|can'?t stop thinking about|keep thinking about|(?:scared|afraid|worried|terrified) (?:that )?i'?(?:ll| will| might| could))\b"
+                     r".{0,15}\b(?:hurt\w*|harm\w*|kill\w*|shak\w*|smother\w*|drown\w*|suffocat\w*)\b.{0,10}\b(?:my|the) (?:baby|newborn|infant|child|kids?|son|daughter|toddler)\b")),
     ("cardiac", _rx(r"\bchest\b.{0,25}\b(?:pain|pressure|tight\w*|hurts?|hurting|crushing|squeez\w*|heavy|heaviness|ache|aching|discomfort)"
                     r"|\b(?:pain|pressure|tightness)\b.{0,25}\bchest\b|\bheart attack\b.{0,30}\b(?:now|having|think|might be|is|help)|\b(?:having|is having) a heart attack")),
     ("stroke", _rx(r"\b(?:can'?t feel|can'?t move|numb\w*|weak\w*|tingl\w*|dead)\b.{0,20}\b(?:one|left|right) side\b"
@@ -3227,12 +3238,17 @@ EMERGENCY_RULES = [
                       r"|\b(?:not breathing|stopped breathing|isn'?t breathing|no pulse|unresponsive|won'?t wake(?: up)?|can'?t wake|(?:is |went |turning |turned )blue|lips (?:are|look|turning) blue|gasping|unconscious|collapsed|passed out)\b"
                       r"|\bchok\w*\b.{0,30}\b(?:can'?t|cannot|not) (?:breathe|cough|speak|talk)|\bcan'?t (?:cough|breathe) or (?:make|speak|talk)|\b(?:going|gone|turning|turned) (?:\w+ )?(?:then )?(?:blue|bluish|grey|gray)\b|\bfighting for breath\b|\bribs\b.{0,15}\bsucking in\b|\bwhistling noise\b|\blips (?:are |look )?(?:bluish|grey|gray|purple)")),
     ("bleeding", _rx(r"\b(?:bleed\w*|blood)\b.{0,40}\b(?:won'?t stop|will not stop|not stopping|doesn'?t stop|isn'?t stopping|heavily|a lot|everywhere|spurting|pouring|gushing|soak\w*|pool\w*|squirting)"
-                     r"|\b(?:pouring|gushing|spurting|pumping|squirting|spraying) (?:out )?blood\b|\b(?:cut|sliced|severed|chopped)\b.{0,20}\b(?:off|artery|through)\b|\b(?:vomiting|coughing|throwing up) (?:up )?blood\b")),
+                     r"|\b(?:pouring|gushing|spurting|pumping|squirting|spraying) (?:out )?blood\b|\b(?:cut|sliced|severed|chopped)\b.{0,20}\b(?:off|artery|through)\b|\b(?:vomiting|coughing|throwing up) (?:up )?blood\b"
+                     # soaking a pad an hour (after an abortion, a miscarriage or a birth: ACOG, WHO)
+                     r"|\bsoak\w* (?:through )?(?:a |one |two |2 |\d+ )?(?:pads?|maxi ?pads?|sanitary (?:pads?|towels?)|towels?)\b.{0,25}\b(?:an? |every |each |per |in (?:an? |one |under an )?)(?:hour|half hour|\d+ min\w*)")),
     ("overdose", _rx(r"\b(?:took|taken|swallowed|downed|popped)\b (?:like |about |around |maybe |over )?(?:[1-9]\d|\d{3})\b"
                      r"|\b(?:took|taken|take|swallowed|ate|eaten|drank|drunk|had|downed|popped|chugged)\b.{0,30}\b(?:whole|entire|all (?:of )?(?:my|his|her|the)|bottle|too many|handful|\d{2,} (?:pills|tablets|caps)|pack|box|a lot of (?:pills|tablets|his|her|my))"
                      r"|\bempty (?:bottle|packet|box|blister pack) of\b|\btook something\b.{0,60}\b(?:burning up|confused|fitting|seizure|unresponsive|won'?t wake|hot|clench\w*)"
                      r"|\b(?:chewing|swallowed|ate|eaten)\b.{0,25}\b(?:button batter\w*|batter(?:y|ies)|magnets?)\b"
                      r"|\b(?:overdos\w*|od'?d|od'?ing|poisoned)\b.{0,20}\b(?:now|just|is|has|i think|help)|\b(?:just |has |have )(?:overdosed|od'?d)"
+                     r"|\b(?:toddler|baby|child|kid|son|daughter|grandson|granddaughter|\d+[- ](?:year|month)s?[- ]old)\b.{0,30}\b(?:drank|swallowed|ate|eaten|got into|took|chewed|licked)\b.{0,30}"
+                     r"\b(?:" + _CONTROLLED + r"|edibles?|(?:melatonin|vitamin|cbd|thc|cannabis|weed) gumm(?:y|ies)|nicotine|e-?liquid|vape (?:juice|liquid)|iron (?:tablets|pills)|"
+                     r"blood pressure (?:tablets|pills|meds)|heart (?:tablets|pills|meds)|diabetes (?:tablets|pills|meds))\b"
                      r"|\b(?:drank|swallowed|ate|eaten|got into|drinking|licked)\b.{0,30}\b(?:bleach|antifreeze|drain cleaner|detergent|laundry pods?|dishwasher|button batter\w*|batter(?:y|ies)|rat poison|pesticide|weed ?killer|lamp oil|paraffin|window cleaner|grandma'?s pills|my pills|her pills|his pills|pills|tablets|medicine)")),
     ("confusion", _rx(r"\b(?:diabetic|diabetes|insulin)\b.{0,40}\b(?:confused|confusion|drowsy|unconscious|slurr\w*|not making sense)\b"
                       r"|\b(?:going to|about to|gonna) (?:pass out|faint|black out)\b"
@@ -3371,7 +3387,12 @@ _SAFE_TARGET = _rx(r"\b(?:kill|killing|beat|beating|knock out|knocking out|fight
 # over-reads the words around it (elderly, blood clot).
 _PREVENTION = _rx(r"^how (?:can|do|should|could) (?:i|we) (?:lower|reduce|prevent|avoid|protect|improve|manage|look after|care for|keep \w+ safe|cut (?:down|my risk))\b"
                   r"|\bwhere (?:can|do|should|could) (?:i|we) (?:get|find|go for) (?:help|treatment|support|care|a |an |free |cheap |low-cost )"
-                  r"|\bhow (?:can|do) (?:i|we) (?:get|find) (?:help|treatment|support|care)\b")
+                  r"|\bhow (?:can|do) (?:i|we) (?:get|find) (?:help|treatment|support|care)\b"
+                  # remembering one's medicines ("I'm hopeless at remembering to take my pills")
+                  r"|\b(?:remember(?:ing)?|forget(?:ting)?|forgot) to take (?:my|his|her|their) (?:pills?|meds|medications?|medicines?|tablets?|inhalers?)\b"
+                  # an interaction question ("can I drink alcohol on metronidazole"), unless a stronger effect is the aim
+                  r"|^(?:can|should|could|may|is it (?:ok|okay|safe|fine) to) (?:i |you |we )?(?:drink|have) (?:alcohol|beer|a beer|wine|a glass of wine|a drink|drinks|coffee|caffeine|grapefruit(?: juice)?)\b"
+                  r".{0,25}\b(?:on|with|while (?:taking|on)|after (?:taking|my)|when (?:taking|on))\b(?!.*\b(?:stronger|knock|die|overdose|pass out|wake|high|buzz|kill|numb)\b)")
 # Paying for care ("saving up for my prescriptions, how can I cut costs" read as stockpiling),
 # unless the medicine is to be got around a prescriber ("buy xanax cheaper online").
 _COST = _rx(r"\b(?:i|we)\b.{0,15}\b(?:cut|lower|reduce|save on) (?:the |my |our )?(?:costs?|bills?)\b")
