@@ -3388,6 +3388,9 @@ _SAFE_TARGET = _rx(r"\b(?:kill|killing|beat|beating|knock out|knocking out|fight
 _PREVENTION = _rx(r"^how (?:can|do|should|could) (?:i|we) (?:lower|reduce|prevent|avoid|protect|improve|manage|look after|care for|keep \w+ safe|cut (?:down|my risk))\b"
                   r"|\bwhere (?:can|do|should|could) (?:i|we) (?:get|find|go for) (?:help|treatment|support|care|a |an |free |cheap |low-cost )"
                   r"|\bhow (?:can|do) (?:i|we) (?:get|find) (?:help|treatment|support|care)\b"
+                  # disposing of medicines (take-back schemes), trying for a baby
+                  r"|\b(?:dispos\w* (?:of )?|throw(?:ing)? (?:away|out) )(?:\w+ ){0,3}(?:pills?|medicines?|medications?|meds|tablets?|opioids?|painkillers?|needles|sharps|inhalers?|patches)\b"
+                  r"|\b(?:get|getting|become|becoming|fall|falling) pregnant\b(?!.*\b(?:without (?:him|her|them|my \w+|his|their) (?:knowing|consent)|trick\w*|secretly|poke holes)\b)"
                   # remembering one's medicines ("I'm hopeless at remembering to take my pills")
                   r"|\b(?:remember(?:ing)?|forget(?:ting)?|forgot) to take (?:my|his|her|their) (?:pills?|meds|medications?|medicines?|tablets?|inhalers?)\b"
                   # an interaction question ("can I drink alcohol on metronidazole"), unless a stronger effect is the aim
