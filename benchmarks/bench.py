@@ -334,16 +334,23 @@ def summarise(name: str, timer, log: list, accum: int, warmup: int, shape: dict,
 # Workloads (each runs in a child process)
 # ---------------------------------------------------------------------------------------------
 
-def workload_project(opts, name: str = "project", sets: tuple = ()) -> dict:
-    """The project's own training path, stage by stage as utils.train runs it."""
+def workload_start(opts, name: str, steps: int, sets: list[str]):
+    """What every training workload starts from: the benchmark's config in a fresh output folder,
+    the same examples and split, the seed set, the hardware, the model's source and tokenizer."""
     from transformers import set_seed
-    out_dir = tempfile.mkdtemp(prefix="bench-project-")
-    cfg = bench_config(opts.model, out_dir, opts.warmup + opts.steps, [*opts.set, *sets])
+    cfg = bench_config(opts.model, tempfile.mkdtemp(prefix=f"bench-{name}-"), steps, sets)
     train_rows, val_rows, _ = utils.load_splits(cfg)
     set_seed(cfg.seed)
     hw = utils.pick_hardware(cfg.model.quantization)
     source = utils.resolve_model(cfg.model.name)
     tokenizer, _ = utils.load_tokenizer(source)
+    return cfg, hw, source, tokenizer, train_rows, val_rows
+
+
+def workload_project(opts, name: str = "project", sets: tuple = ()) -> dict:
+    """The project's own training path, stage by stage as utils.train runs it."""
+    cfg, hw, source, tokenizer, train_rows, val_rows = workload_start(opts, name, opts.warmup + opts.steps,
+                                                                      [*opts.set, *sets])
     train_ds, val_ds, _ = utils.build_datasets(tokenizer, train_rows, val_rows, cfg)
     model = utils.attach_lora(utils.load_base_model(source, hw), cfg)
     # No validation set inside the run: eval and early stopping are not what is timed; the
@@ -377,16 +384,11 @@ def workload_recompute_all(opts) -> dict:
 def workload_seed_recipe(opts) -> dict:
     """The seed's recipe, written plainly and on purpose not through utils' training code."""
     import torch
-    from transformers import Trainer, TrainingArguments, set_seed
-    out_dir = tempfile.mkdtemp(prefix="bench-seed-")
+    from transformers import Trainer, TrainingArguments
     # the user's overrides too (data, batch, LoRA shape...): the recipe's own choices below ignore
     # any that would make it the project's (padding, whole-sequence loss, recomputation)
-    cfg = bench_config(opts.model, out_dir, opts.warmup + opts.steps, opts.set)
-    train_rows, val_rows, _ = utils.load_splits(cfg)  # the same examples and split
-    set_seed(cfg.seed)
-    hw = utils.pick_hardware(cfg.model.quantization)
-    source = utils.resolve_model(cfg.model.name)
-    tokenizer, _ = utils.load_tokenizer(source)
+    cfg, hw, source, tokenizer, train_rows, val_rows = workload_start(opts, "seed", opts.warmup + opts.steps, opts.set)
+    out_dir = cfg.output_dir
     system_ok = utils.supports_system_role(tokenizer)
     L = cfg.model.max_length
 
@@ -451,13 +453,7 @@ def workload_plain_pytorch(opts) -> dict:
     longest row, loss on answer tokens. Its MFU on the same machine says what the GEMM reference
     leaves within reach of a model this small: the issue measured ~33% where it was written."""
     import torch
-    from transformers import set_seed
-    cfg = bench_config(opts.model, tempfile.mkdtemp(prefix="bench-plain-"), 1, opts.set)
-    train_rows, val_rows, _ = utils.load_splits(cfg)
-    set_seed(cfg.seed)
-    hw = utils.pick_hardware(cfg.model.quantization)
-    source = utils.resolve_model(cfg.model.name)
-    tokenizer, _ = utils.load_tokenizer(source)
+    cfg, hw, source, tokenizer, train_rows, val_rows = workload_start(opts, "plain", 1, opts.set)
     train_ds, _, _ = utils.build_datasets(tokenizer, train_rows, val_rows, cfg)
     model = plain_lora_model(cfg, hw, source, kbit_preparation=False)
     model.train()
