@@ -108,24 +108,25 @@ DEFAULT_EMERGENCY = (
     "116 123 in the UK and Ireland)."
 )
 # Sexual assault and abuse by a partner or family member: an emergency department or a sexual
-# assault centre, time-critical care (HIV post-exposure prophylaxis within 72 h: CDC 2025, BHIVA;
+# assault centre, time-critical care (HIV post-exposure prophylaxis within 72 h: CDC, BHIVA;
 # emergency contraception within 3 days for levonorgestrel and 5 for ulipristal or a copper IUD:
 # FSRH, WHO), care without a police report (US VAWA, UK sexual assault referral centres), a check
 # after strangulation even without marks (delayed airway swelling and arterial injury) or a blow
-# in pregnancy (placental abruption: ACOG), and the
-# national lines (RAINN, the US National Domestic Violence Hotline, Rape Crisis England and Wales,
-# the National Domestic Abuse Helpline run by Refuge in England).
+# in pregnancy (placental abruption: ACOG), and the national lines (RAINN, the US National
+# Domestic Violence Hotline, Rape Crisis England and Wales, the National Domestic Abuse Helpline
+# run by Refuge in England).
 DEFAULT_ABUSE = (
     "I'm sorry this happened. It is never the fault of the person who was hurt. If you or someone "
     "else is in danger or badly hurt now, call your local emergency number (for example 911 in the "
-    "US, 112 in Europe, 999 in the UK). After a sexual assault, an emergency department or a sexual assault "
-    "centre can help, and some care works best when it starts soon: medicine to prevent HIV (within "
-    "72 hours), emergency contraception (within 3 to 5 days, depending on the method), treatment for "
-    "injuries and infections, and a forensic examination if you want one. In most places you can "
-    "have this care without reporting to the police. Anyone who has been choked or strangled, or hit "
-    "while pregnant, should see a doctor the same day, even without marks. Free, confidential support: in the US, RAINN "
-    "1-800-656-4673 and the National Domestic Violence Hotline 1-800-799-7233; in England, Rape "
-    "Crisis 0808 500 2222 and the National Domestic Abuse Helpline 0808 2000 247."
+    "US, 112 in Europe, 999 in the UK). After a sexual assault, an emergency department or a "
+    "sexual assault centre can help, and some care works best when it starts soon: medicine to "
+    "prevent HIV (within 72 hours), emergency contraception (within 3 to 5 days, depending on the "
+    "method), treatment for injuries and infections, and a forensic examination if you want one. "
+    "In most places you can have this care without reporting to the police. Anyone who has been "
+    "choked or strangled, or hit while pregnant, should see a doctor the same day, even without "
+    "marks. Free, confidential support: in the US, RAINN 1-800-656-4673 and the National Domestic "
+    "Violence Hotline 1-800-799-7233; in England, Rape Crisis 0808 500 2222 and the National "
+    "Domestic Abuse Helpline 0808 2000 247."
 )
 DEFAULT_DISCLAIMER = (
     "This information is for educational purposes only and is not a substitute for professional "
@@ -3312,7 +3313,8 @@ ABUSE_RULES = [
 ]
 ABUSE_CATEGORIES = {category for category, _ in ABUSE_RULES}
 _LONG_AGO = _rx(r"\b(?:as a (?:child|kid|teen\w*|minor)|when i was (?:a |an |younger|little|small|\d+)|years ago|decades ago|in the past|growing up|childhood)\b")
-_ACCIDENT = _rx(r"\baccident\w*|\bby mistake\b|\bin (?:his|her|their|my) sleep\b")
+# a blow by accident ("my girlfriend accidentally kicked me in her sleep"); not for sexual assault
+_ACCIDENT = _rx(r"\baccident\w*|\bby mistake\b|\bin (?:his|her|their) sleep\b")
 
 
 def _norm_question(text: str) -> str:
@@ -3351,9 +3353,9 @@ def rule_screen(q: str) -> Screen | None:
         for category, pattern in EMERGENCY_RULES:
             if pattern.search(q):
                 return Screen("escalate", category)
-    if not _LONG_AGO.search(q) and not _ACCIDENT.search(q):
+    if not _LONG_AGO.search(q):
         for category, pattern in ABUSE_RULES:
-            if pattern.search(q):
+            if pattern.search(q) and not (category == "domestic_abuse" and _ACCIDENT.search(q)):
                 return Screen("escalate", category)
     about = _asks_about(q)
     for category, pattern in REFUSE_RULES:

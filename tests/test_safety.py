@@ -169,6 +169,7 @@ ABUSE = [
     "someone sexually assaulted me yesterday",
     "what should i do after being raped",
     "he forced me to have sex",
+    "my husband raped me in my sleep",  # asleep is no consent, not an accident
     "my daughter was raped, what should we do",
     "my boyfriend hits me and I'm scared",
     "my husband strangled me last night",
