@@ -3244,7 +3244,8 @@ EMERGENCY_RULES = [
                      r"|\bsoak\w* (?:through )?(?:a |one |two |2 |\d+ )?(?:pads?|maxi ?pads?|sanitary (?:pads?|towels?)|towels?)\b.{0,25}\b(?:an? |every |each |per |in (?:an? |one |under an )?)(?:hour|half hour|\d+ min\w*)")),
     ("overdose", _rx(r"\b(?:took|taken|swallowed|downed|popped)\b (?:like |about |around |maybe |over )?(?:[1-9]\d|\d{3})\b"
                      r"|\b(?:took|taken|take|swallowed|ate|eaten|drank|drunk|had|downed|popped|chugged)\b.{0,30}\b(?:whole|entire|all (?:of )?(?:my|his|her|the)|bottle|too many|handful|\d{2,} (?:pills|tablets|caps)|pack|box|a lot of (?:pills|tablets|his|her|my))"
-                     r"|\bempty (?:bottle|packet|box|blister pack) of\b|\btook something\b.{0,60}\b(?:burning up|confused|fitting|seizure|unresponsive|won'?t wake|hot|clench\w*)"
+                     r"|\bempty (?:bottle|packet|box|blister pack) of\b|\b(?:took|taken|had|on|done|did)\b (?:some |a |an |two |\d )?(?:something|ecstasy|mdma|molly|cocaine|crack|meth|speed|ghb|ketamine|acid|lsd|spice)\b.{0,60}"
+                     r"\b(?:burning up|overheating|very hot|confused|fitting|seizure|unresponsive|won'?t wake|hot|clench\w*|chest pain|can'?t breathe|collapsed|heart (?:is )?racing)"
                      r"|\b(?:chewing|swallowed|ate|eaten)\b.{0,25}\b(?:button batter\w*|batter(?:y|ies)|magnets?)\b"
                      r"|\b(?:overdos\w*|od'?d|od'?ing|poisoned)\b.{0,20}\b(?:now|just|is|has|i think|help)|\b(?:just |has |have )(?:overdosed|od'?d)"
                      r"|\b(?:toddler|baby|child|kid|son|daughter|grandson|granddaughter|\d+[- ](?:year|month)s?[- ]old)\b.{0,30}\b(?:drank|swallowed|ate|eaten|got into|took|chewed|licked)\b.{0,30}"
@@ -3258,7 +3259,9 @@ EMERGENCY_RULES = [
                       r"(?:suddenly|very) confused|slipping in and out|keeps passing out|fainted|fainting)\b")),
     ("seizure", _rx(r"\b(?:seizure|seizing|fitting|having a fit|convuls\w*|shaking uncontrollably|shaking and jerking)\b.{0,60}\b(?:going on|won'?t stop|not stopping|still|for \d+|more than|longer than|over \d+|first|again|keeps|minutes|help|another|ages|before (?:she|he|they) woke)")),
     ("infant", _rx(r"\bsoft spot\b.{0,30}\bbulging\b|\b(?:baby|newborn|infant|\d+[- ](?:day|week|month)[- ]old)\b.{0,50}\b(?:high[- ]pitched cry|floppy|limp|blue|won'?t wake|not waking|not responding|unresponsive|bulging|purple|grunting|not feeding|struggling to breathe|breathing fast|fell|dropped)"
-                   r"|\b(?:newborn|\d+[- ](?:day|week)s?[- ]old|[0-2][- ]months?[- ]old)\b.{0,40}\b(?:fever|temperature of 3[89]|hot)")),
+                   r"|\b(?:newborn|\d+[- ](?:day|week)s?[- ]old|[0-2][- ]months?[- ]old)\b.{0,40}\b(?:fever|temperature of 3[89]|hot)"
+                   # few wet nappies and drowsy: dehydration (NICE fever in under 5s, red and amber signs)
+                   r"|\b(?:no|hasn'?t (?:had|done) (?:a|any)|not (?:had|done) (?:a|any)) wet (?:nappy|nappies|diaper|diapers)\b.{0,50}\b(?:sleepy|drowsy|lethargic|floppy|hard to wake|won'?t wake|not feeding|sunken)")),
     ("meningitis", _rx(r"\b(?:stiff neck|neck (?:is )?stiff\w*)\b.{0,60}\b(?:fever|rash|headache|confus|light|vomit)|\b(?:fever|rash|headache)\b.{0,60}\b(?:stiff neck|neck (?:is )?stiff)|\brash\b.{0,30}\b(?:doesn'?t fade|does not fade|won'?t fade|glass|spreading)|\bpurple\b.{0,20}\brash\b|\bneck (?:is )?too stiff\b")),
     ("burn", _rx(r"\belectric (?:shock|cable)\b|\bcoughing up soot\b|\bhouse fire\b|\bface is (?:burnt|burned)\b|\bskin (?:looks |is )?(?:white|charred|leathery|peeling|blistering)"
                  r"|\b(?:boiling|hot) (?:water|oil)\b.{0,40}\b(?:over|on|spilled|went)\b|\b(?:severe|bad|large|big|deep|chemical|electrical|huge)\s+burns?\b|\b(?:i|he|she|they|my \w+|clothes|hair|shirt|dress|pyjamas)\b.{0,15}\b(?:caught fire|(?:is|are|was|were) on fire|got scalded|was electrocuted|got electrocuted)\b|\b(?:scalded|electrocuted)\b|\bburn\w*\b.{0,30}\b(?:white|charred|black|leathery|face|whole (?:arm|leg|hand))")),
@@ -3267,7 +3270,19 @@ EMERGENCY_RULES = [
     ("pregnancy", _rx(r"\b(?:pregnant|\d{1,2} ?(?:weeks?|wks?) (?:pregnant|along|gone))\b.{0,50}"
                       r"\b(?:(?:heavy|heavily|a lot of|lots of|soak\w*|gush\w*|pouring)\b.{0,15}\b(?:bleed\w*|blood)|(?:passing |big |large )clots)\b"
                       r"|\b(?:heavy|heavily|a lot of|lots of|soaking|gushing|pouring) (?:bleed\w*|blood)\b.{0,50}\b(?:pregnant|\d{1,2} ?(?:weeks?|wks?))\b"
-                      r"|\b(?:pregnant|weeks?)\b.{0,60}\bbaby (?:has )?(?:stopped|isn'?t|is not|hasn'?t been|not) (?:moving|kicking)")),
+                      r"|\b(?:pregnant|weeks?)\b.{0,60}\bbaby (?:has )?(?:stopped|isn'?t|is not|hasn'?t been|not) (?:moving|kicking)"
+                      # waters broken before 37 weeks (preterm rupture: the maternity unit now)
+                      r"|\bwaters? (?:broke|broken|has broken|have broken|breaking|went|is leaking|are leaking)\b.{0,30}\b(?:[12]\d|3[0-6]) ?(?:weeks?|wks?)\b"
+                      r"|\b(?:[12]\d|3[0-6]) ?(?:weeks?|wks?)\b.{0,40}\bwaters? (?:broke|broken|has broken|have broken|breaking|went|is leaking|are leaking)\b")),
+    ("abdominal", _rx(r"\bsudden\w* (?:severe |bad |intense |terrible |tearing |ripping )?(?:pain|agony) in (?:my|his|her) (?:testicles?|testis|balls|scrotum)\b"
+                      r"|\b(?:testicles?|testis|balls|scrotum)\b.{0,20}\bsudden\w*\b.{0,20}\b(?:pain|agony|swollen|hurts)"
+                      r"|\bsudden\w* (?:severe |bad |intense |terrible |tearing |ripping )(?:back|abdominal|belly|stomach|tummy) pain\b.{0,40}\b(?:faint\w*|dizzy|collaps\w*|pale|sweat\w*|clammy|passed out)")),
+    ("diabetes", _rx(r"\b(?:blood sugars?|glucose|bg|sugars?|ketones)\b.{0,25}\b(?:high|\d+(?:\.\d)?)\b.{0,50}\b(?:vomit\w*|throwing up|being sick|can'?t keep (?:anything|fluids|water) down|breathing fast|confused|drowsy)"
+                     r"|\b(?:insulin pump|pump)\b.{0,30}\b(?:failed|stopped|broke|not working)\b.{0,60}\b(?:vomit\w*|throwing up|being sick|ketones)")),
+    ("eye", _rx(r"\b(?:bleach|chemical|acid|alkali|oven cleaner|drain cleaner|lye|cement|ammonia|caustic)\b.{0,30}\b(?:in|into|on) (?:my|his|her|their|the) eyes?\b"
+                r"|\beyes?\b.{0,20}\b(?:splashed|sprayed)\b.{0,20}\b(?:bleach|chemical|acid|alkali|oven cleaner|drain cleaner|lye|cement|ammonia|caustic)\b")),
+    ("fall", _rx(r"\b(?:fell|fallen|had a fall|slipped|tripped)\b.{0,50}\b(?:can'?t|cannot|unable to|won'?t be able to) (?:get up|stand|walk|move (?:her|his|my) (?:leg|hip))\b"
+                 r"|\b(?:fell|fallen|had a fall)\b.{0,40}\b(?:hip|leg)\b.{0,20}\b(?:turned out|shorter|twisted|can'?t (?:move|bear weight))")),
     ("headache", _rx(r"\b(?:worst|sudden|thunderclap|explosive)\b.{0,15}\bheadache\b.{0,30}\b(?:of (?:my|his|her) life|ever|came on|suddenly|just)")),
     ("poisoning", _rx(r"\b(?:co|carbon monoxide) alarm\b|\b(?:gas|fumes)\b.{0,60}\b(?:dizzy|headaches?|faint\w*|passed out|vomiting)\b|\b(?:carbon monoxide|gas leak)\b.{0,40}\b(?:now|dizzy|headache|alarm|everyone|we)\b|\b(?:snake|spider|scorpion) ?bit\w*\b.{0,30}\b(?:my|me|he|she|just)"
                       # a spiked drink with symptoms now (GHB and sedatives: breathing, consciousness)
