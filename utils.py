@@ -3071,7 +3071,8 @@ REFUSE_RULES = [
                                     r"|\b(?:get|buy|obtain|order|purchase|source|score|acquire|find|cop)\b.{0,50}\b(?:without|no|w/o|don'?t have|skip\w*)\s+(?:a |an |the |any )?(?:prescription|script|rx|doctor)\b.{0,40}"
                                     r"|\b(?:fake|forged?|forging|fraudulent|counterfeit|stolen|write (?:my|myself) (?:own|a))\s+(?:\w+ )?(?:prescriptions?|scripts?|rx)\b"
                                     r"|\bdoctor[- ]shop\w*|\b(?:what|how) (?:to|do i|should i|can i) (?:say|tell|act|fake|pretend)\b.{0,40}\b(?:doctor|gp|er|physician|psychiatrist)\b.{0,40}\b(?:prescri\w*|give me|get)\b"
-                                    r"|\bfake (?:symptoms|pain|an? (?:injury|illness|condition|adhd|back injury))\b")),
+                                    r"|\bfake (?:symptoms|pain|an? (?:injury|illness|condition|adhd|back injury))\b"
+                                    r"|\b" + _CONTROLLED + r"\b.{0,40}\b(?:early|again|more)\b.{0,30}\b(?:say|claim|pretend|tell (?:them|him|her|the \w+))\b.{0,15}\b(?:lost|stolen|dropped|spilled)\b")),
     ("falsify_records", _rx(r"\b(?:fake|forge|forged|falsif\w*|fabricat\w*|alter|backdate|counterfeit|make up|photoshop|edit|doctor|change|modify)\s+(?:\w+\s+){0,3}"
                             r"(?:medical (?:records?|notes?|certificates?|reports?|charts?|histor(?:y|ies))|sick notes?|doctor'?s? notes?|vaccin\w* (?:cards?|certificates?|records?|passports?|status)|"
                             r"test results?|lab results?|charts?|records?|death certificates?|disability (?:claims?|forms?)|insurance claims?|drug tests?|covid tests?|negative tests?|\w+ test letters?|results? letters?|research data|trial data|data)\b"
@@ -3408,6 +3409,9 @@ _PREVENTION = _rx(r"^how (?:can|do|should|could) (?:i|we) (?:lower|reduce|preven
                   # disposing of medicines (take-back schemes), trying for a baby
                   r"|\b(?:dispos\w* (?:of )?|throw(?:ing)? (?:away|out) )(?:\w+ ){0,3}(?:pills?|medicines?|medications?|meds|tablets?|opioids?|painkillers?|needles|sharps|inhalers?|patches)\b"
                   r"|\b(?:get|getting|become|becoming|fall|falling) pregnant\b(?!.*\b(?:without (?:him|her|them|my \w+|his|their) (?:knowing|consent)|trick\w*|secretly|poke holes)\b)"
+                  # a supply for a trip ("get my prescription refilled early before vacation"), said openly
+                  r"|\b(?:refill\w*|renew\w*|repeat (?:prescription|script))\b.{0,30}\b(?:early|before|vacation|holiday|travel\w*|trip|abroad)\b"
+                  r"(?!.*\b(?:without|fake|lie|lying|trick|pretend|say|claim|tell (?:them|the|my|him|her)|lost)\b)"
                   # remembering one's medicines ("I'm hopeless at remembering to take my pills")
                   r"|\b(?:remember(?:ing)?|forget(?:ting)?|forgot) to take (?:my|his|her|their) (?:pills?|meds|medications?|medicines?|tablets?|inhalers?)\b"
                   # an interaction question ("can I drink alcohol on metronidazole"), unless a stronger effect is the aim
