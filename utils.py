@@ -3280,8 +3280,6 @@ EMERGENCY_RULES = [
                       r"|\bsudden\w* (?:severe |bad |intense |terrible |tearing |ripping )(?:back|abdominal|belly|stomach|tummy) pain\b.{0,40}\b(?:faint\w*|dizzy|collaps\w*|pale|sweat\w*|clammy|passed out)")),
     ("diabetes", _rx(r"\b(?:blood sugars?|glucose|bg|sugars?|ketones)\b.{0,25}\b(?:high|\d+(?:\.\d)?)\b.{0,50}\b(?:vomit\w*|throwing up|being sick|can'?t keep (?:anything|fluids|water) down|breathing fast|confused|drowsy)"
                      r"|\b(?:insulin pump|pump)\b.{0,30}\b(?:failed|stopped|broke|not working)\b.{0,60}\b(?:vomit\w*|throwing up|being sick|ketones)")),
-    ("eye", _rx(r"\b(?:bleach|chemical|acid|alkali|oven cleaner|drain cleaner|lye|cement|ammonia|caustic)\b.{0,30}\b(?:in|into|on) (?:my|his|her|their|the) eyes?\b"
-                r"|\beyes?\b.{0,20}\b(?:splashed|sprayed)\b.{0,20}\b(?:bleach|chemical|acid|alkali|oven cleaner|drain cleaner|lye|cement|ammonia|caustic)\b")),
     ("fall", _rx(r"\b(?:fell|fallen|had a fall|slipped|tripped)\b.{0,50}\b(?:can'?t|cannot|unable to|won'?t be able to) (?:get up|stand|walk|move (?:her|his|my) (?:leg|hip))\b"
                  r"|\b(?:fell|fallen|had a fall)\b.{0,40}\b(?:hip|leg)\b.{0,20}\b(?:turned out|shorter|twisted|can'?t (?:move|bear weight))")),
     ("headache", _rx(r"\b(?:worst|sudden|thunderclap|explosive)\b.{0,15}\bheadache\b.{0,30}\b(?:of (?:my|his|her) life|ever|came on|suddenly|just)")),

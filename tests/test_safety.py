@@ -50,7 +50,6 @@ ESCALATE = [
     "my husband has sudden severe back pain and feels faint",  # aortic aneurysm
     "I have a sudden severe pain in my testicle",  # torsion
     "my water broke at 32 weeks",
-    "my eye got splashed with bleach",
     "my insulin pump failed and my blood sugar is 25 mmol and I'm vomiting",  # ketoacidosis
     "my friend took ecstasy and is overheating and confused",
     "my grandma fell and can't get up and her hip hurts",
