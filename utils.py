@@ -3399,26 +3399,37 @@ _SAFE_TARGET = _rx(r"\b(?:kill|killing|beat|beating|knock out|knocking out|fight
                    r"(?:time|pain|fever|cold|flu|virus|viruses|bacteria|germs|infection|headache|migraine|weeds?|lice|nits|fleas|mites|bugs|"
                    r"mould|mold|odds|boredom|cravings?|urges?|stress|mood|records?|exams?|deadlines?|photos?|pictures?|videos?|process|"
                    r"program|acne|spots|pimples|warts|fungus|plaque|cough|sniffles|jet ?lag|hangover|insomnia|fatigue|anxiety|fat|calories|workout)\b")
-# "How can I lower my risk of ...": looking after oneself or someone else; the classifier
-# over-reads the words around it (elderly, blood clot).
-_PREVENTION = _rx(r"^how (?:can|do|should|could) (?:i|we) (?:lower|reduce|prevent|avoid|protect|improve|manage|look after|care for|keep \w+ safe|cut (?:down|my risk))\b"
-                  r"|\bwhere (?:can|do|should|could) (?:i|we) (?:get|find|go for) (?:help|treatment|support|care|a |an |free |cheap |low-cost )"
-                  r"|\bhow (?:can|do) (?:i|we) (?:get|find) (?:help|treatment|support|care)\b"
-                  # disposing of medicines (take-back schemes), trying for a baby
-                  r"|\b(?:dispos\w* (?:of )?|throw(?:ing)? (?:away|out) )(?:\w+ ){0,3}(?:pills?|medicines?|medications?|meds|tablets?|opioids?|painkillers?|needles|sharps|inhalers?|patches)\b"
-                  r"|\b(?:get|getting|become|becoming|fall|falling) pregnant\b(?!.*\b(?:without (?:him|her|them|my \w+|his|their) (?:knowing|consent)|trick\w*|secretly|poke holes)\b)"
-                  # a supply for a trip ("get my prescription refilled early before vacation"), said openly
-                  r"|\b(?:refill\w*|renew\w*|repeat (?:prescription|script))\b.{0,30}\b(?:early|before|vacation|holiday|travel\w*|trip|abroad)\b"
-                  r"(?!.*\b(?:without|fake|lie|lying|trick|pretend|say|claim|tell (?:them|the|my|him|her)|lost)\b)"
-                  # remembering one's medicines ("I'm hopeless at remembering to take my pills")
-                  r"|\b(?:remember(?:ing)?|forget(?:ting)?|forgot) to take (?:my|his|her|their) (?:pills?|meds|medications?|medicines?|tablets?|inhalers?)\b"
-                  # an interaction question ("can I drink alcohol on metronidazole"), unless a stronger effect is the aim
-                  r"|^(?:can|should|could|may|is it (?:ok|okay|safe|fine) to) (?:i |you |we )?(?:drink|have) (?:alcohol|beer|a beer|wine|a glass of wine|a drink|drinks|coffee|caffeine|grapefruit(?: juice)?)\b"
-                  r".{0,25}\b(?:on|with|while (?:taking|on)|after (?:taking|my)|when (?:taking|on))\b(?!.*\b(?:stronger|knock|die|overdose|pass out|wake|high|buzz|kill|numb)\b)")
-# Paying for care ("saving up for my prescriptions, how can I cut costs" read as stockpiling),
-# unless the medicine is to be got around a prescriber ("buy xanax cheaper online").
-_COST = _rx(r"\b(?:i|we)\b.{0,15}\b(?:cut|lower|reduce|save on) (?:the |my |our )?(?:costs?|bills?)\b")
-_SEEKING = _rx(r"\b(?:stockpil\w*|hoard\w*|stash\w*|buy|order|online|without)\b")
+def _unless(pattern: str, words: str) -> str:
+    """`pattern` anywhere in the question, provided none of `words` is anywhere in it."""
+    start = r"^(?!.*\b(?:" + words + r")\b)"
+    return start + pattern[1:] if pattern.startswith("^") else start + r".*?" + pattern
+
+
+# Everyday questions the classifier over-reads (the words around them: elderly, blood clot,
+# pills, pregnant, alcohol): looking after oneself or someone else, finding help, disposing of
+# medicines, trying for a baby, a supply for a trip, remembering doses, interactions, costs.
+# They are not put to the classifier; the rules still see them.
+_EVERYDAY = _rx("|".join([
+    r"^how (?:can|do|should|could) (?:i|we) (?:lower|reduce|prevent|avoid|protect|improve|manage|look after|care for|keep \w+ safe|cut (?:down|my risk))\b",
+    r"\bwhere (?:can|do|should|could) (?:i|we) (?:get|find|go for) (?:help|treatment|support|care|a |an |free |cheap |low-cost )",
+    r"\bhow (?:can|do) (?:i|we) (?:get|find) (?:help|treatment|support|care)\b",
+    r"\b(?:dispos\w* (?:of )?|throw(?:ing)? (?:away|out) )(?:\w+ ){0,3}(?:pills?|medicines?|medications?|meds|tablets?|opioids?|painkillers?|needles|sharps|inhalers?|patches)\b",
+    _unless(r"\b(?:get|getting|become|becoming|fall|falling) pregnant\b",
+            r"without (?:him|her|them|my \w+|his|their) (?:knowing|consent)|trick\w*|secretly|poke holes"),
+    # "get my prescription refilled early before vacation", said openly
+    _unless(r"\b(?:refill\w*|renew\w*|repeat (?:prescription|script))\b.{0,30}\b(?:early|before|vacation|holiday|travel\w*|trip|abroad)\b",
+            r"without|fake|lie|lying|trick|pretend|say|claim|tell (?:them|the|my|him|her)|lost"),
+    # "I'm hopeless at remembering to take my pills"
+    r"\b(?:remember(?:ing)?|forget(?:ting)?|forgot) to take (?:my|his|her|their) (?:pills?|meds|medications?|medicines?|tablets?|inhalers?)\b",
+    # "can I drink alcohol on metronidazole", unless a stronger effect is the aim
+    _unless(r"^(?:can|should|could|may|is it (?:ok|okay|safe|fine) to) (?:i |you |we )?(?:drink|have) (?:alcohol|beer|a beer|wine|a glass of wine|a drink|drinks|coffee|caffeine|grapefruit(?: juice)?)\b"
+            r".{0,25}\b(?:on|with|while (?:taking|on)|after (?:taking|my)|when (?:taking|on))\b",
+            r"stronger|knock|die|overdose|pass out|wake|high|buzz|kill|numb"),
+    # "saving up for my prescriptions, how can I cut costs" (read as stockpiling), unless the
+    # medicine is to be got around a prescriber ("buy xanax cheaper online")
+    _unless(r"\b(?:i|we)\b.{0,15}\b(?:cut|lower|reduce|save on) (?:the |my |our )?(?:costs?|bills?)\b",
+            r"stockpil\w*|hoard\w*|stash\w*|buy|order|online|without"),
+]))
 SAFETY_THRESHOLD = 0.5  # P(refuse) + P(escalate) from the classifier at which a question is held back
 
 
@@ -3435,8 +3446,7 @@ def screen_question(text: str, use_classifier: bool = True) -> Screen:
         return hit
     about = _asks_about(q)
     if use_classifier and (_MEDICAL.search(q) or _DRUGS.search(q)) and not _SAFE_TARGET.search(q) \
-            and not _PREVENTION.search(q) and not (_COST.search(q) and not _SEEKING.search(q)) \
-            and not about and not _COMPLAINT.search(q):
+            and not _EVERYDAY.search(q) and not about and not _COMPLAINT.search(q):
         p = classify_question(text)
         if p["refuse"] + p["escalate"] >= SAFETY_THRESHOLD:
             urgent = p["escalate"] > p["refuse"] and _happening_now(q) and not _HYPOTHETICAL.search(q)

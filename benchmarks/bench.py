@@ -482,10 +482,12 @@ def workload_plain_pytorch(opts) -> dict:
     seconds = time.perf_counter() - start
     flops = training_flops(model_shape(model), log)
     real = sum(b["real"] for b in log)
+    gflops = round(flops / seconds / 1e9, 1)
     return {"workload": "plain_pytorch", "micro_batches": count, "batch_size": size, "seconds": round(seconds, 2),
             "real_tokens": real, "real_tokens_per_s": round(real / seconds, 1),
-            "flops_per_real_token": round(flops / max(real, 1)), "train_gflops": round(flops / seconds / 1e9, 1),
-            "train_gflops_unshared": round(flops / seconds / 1e9, 1), "peak_memory_mb": round(peak_rss_mb(), 1),
+            "flops_per_real_token": round(flops / max(real, 1)), "train_gflops": gflops,
+            "train_gflops_unshared": gflops,  # every row computes its own prefix here
+            "peak_memory_mb": round(peak_rss_mb(), 1),
             "compute_dtype": str(hw.dtype).replace("torch.", ""), "overrides": opts.set}
 
 
